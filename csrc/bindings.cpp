@@ -1,0 +1,155 @@
+// Python bindings for speedx._C. Array arguments are validated here so the
+// core (block_pool.cpp) only sees raw contiguous buffers.
+#include <memory>
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "block_pool.h"
+
+namespace py = pybind11;
+using speedx::BlockPool;
+
+namespace {
+
+template <typename T>
+bool has_dtype(const py::array& a) {
+  return py::isinstance<py::array_t<T>>(a);  // dtype equivalence, any layout
+}
+
+// Check dtype / rank / layout of a numpy argument; ValueError on mismatch.
+template <typename T>
+void check_array(const py::array& a, const char* name, int ndim, bool writable) {
+  if (!has_dtype<T>(a))
+    throw py::value_error(std::string(name) + " must have dtype " +
+                          py::str(py::dtype::of<T>()).cast<std::string>() + ", got " +
+                          py::str(a.dtype()).cast<std::string>());
+  if (a.ndim() != ndim)
+    throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D");
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be C-contiguous");
+  if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
+}
+
+// token_ids: a sequence of ints or a 1-D int32/int64 array.
+std::vector<int64_t> to_tokens(const py::handle& obj) {
+  if (py::isinstance<py::array>(obj)) {
+    auto a = py::reinterpret_borrow<py::array>(obj);
+    if (a.ndim() != 1) throw py::value_error("token_ids must be 1-D");
+    if (has_dtype<int64_t>(a)) {
+      auto v = a.unchecked<int64_t, 1>();
+      std::vector<int64_t> out(v.shape(0));
+      for (py::ssize_t i = 0; i < v.shape(0); ++i) out[i] = v(i);
+      return out;
+    }
+    if (has_dtype<int32_t>(a)) {
+      auto v = a.unchecked<int32_t, 1>();
+      std::vector<int64_t> out(v.shape(0));
+      for (py::ssize_t i = 0; i < v.shape(0); ++i) out[i] = v(i);
+      return out;
+    }
+    throw py::value_error("token_ids array must have dtype int32 or int64");
+  }
+  try {
+    return py::cast<std::vector<int64_t>>(obj);
+  } catch (const py::cast_error&) {
+    throw py::value_error("token_ids must be a list of ints or a 1-D int32/int64 array");
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "speedx native extension: paged KV-cache block pool";
+
+  py::register_exception<speedx::UnknownSequence>(m, "UnknownSequenceError", PyExc_KeyError);
+
+  py::class_<BlockPool>(m, "BlockPool")
+      .def(py::init([](int64_t num_blocks, int64_t block_size, bool caching, bool constant_hash,
+                       bool unchained_hash) {
+             if (constant_hash && unchained_hash)
+               throw py::value_error("pick at most one _debug_*_hash option");
+             auto mode = constant_hash    ? speedx::DebugHash::kConstant
+                         : unchained_hash ? speedx::DebugHash::kUnchained
+                                          : speedx::DebugHash::kNone;
+             return std::make_unique<BlockPool>(num_blocks, block_size, caching, mode);
+           }),
+           py::arg("num_blocks"), py::arg("block_size"), py::arg("enable_prefix_caching") = true,
+           py::kw_only(), py::arg("_debug_constant_hash") = false,
+           py::arg("_debug_unchained_hash") = false)
+      .def_property_readonly("num_blocks", &BlockPool::num_blocks)
+      .def_property_readonly("block_size", &BlockPool::block_size)
+      .def_property_readonly("enable_prefix_caching", &BlockPool::enable_prefix_caching)
+      .def_property_readonly("num_free_blocks", &BlockPool::num_free_blocks)
+      .def_property_readonly("num_cached_blocks", &BlockPool::num_cached_blocks)
+      .def_property_readonly("num_sequences", &BlockPool::num_sequences)
+      .def_property_readonly("num_query_tokens", &BlockPool::num_query_tokens)
+      .def_property_readonly("num_hit_tokens", &BlockPool::num_hit_tokens)
+      .def(
+          "allocate_sequence",
+          [](BlockPool& p, int64_t seq_id, const py::object& token_ids, int64_t num_tokens) {
+            return p.allocate_sequence(seq_id, to_tokens(token_ids), num_tokens);
+          },
+          py::arg("seq_id"), py::arg("token_ids"), py::arg("num_tokens"))
+      .def("ensure_capacity", &BlockPool::ensure_capacity, py::arg("seq_id"),
+           py::arg("num_computed"), py::arg("num_tokens"))
+      .def(
+          "register_blocks",
+          [](BlockPool& p, int64_t seq_id, const py::object& token_ids) {
+            auto t = to_tokens(token_ids);
+            return p.register_blocks(seq_id, t.data(), static_cast<int64_t>(t.size()));
+          },
+          py::arg("seq_id"), py::arg("token_ids"))
+      .def("fork", &BlockPool::fork, py::arg("parent_seq_id"), py::arg("child_seq_id"))
+      .def("free_sequence", &BlockPool::free_sequence, py::arg("seq_id"))
+      .def("has_sequence", &BlockPool::has_sequence, py::arg("seq_id"))
+      .def("block_table", &BlockPool::block_table, py::arg("seq_id"))  // copied to a list
+      .def(
+          "num_sequence_blocks",
+          [](const BlockPool& p, int64_t seq_id) {
+            return static_cast<int64_t>(p.block_table(seq_id).size());
+          },
+          py::arg("seq_id"))
+      .def("ref_count", &BlockPool::ref_count, py::arg("block_id"))
+      .def("reset_prefix_cache", &BlockPool::reset_prefix_cache)
+      .def("take_copies",
+           [](BlockPool& p) {
+             auto pairs = p.take_copies();
+             py::array_t<int64_t> out({static_cast<py::ssize_t>(pairs.size()), py::ssize_t{2}});
+             auto v = out.mutable_unchecked<2>();
+             for (size_t i = 0; i < pairs.size(); ++i) {
+               v(i, 0) = pairs[i][0];
+               v(i, 1) = pairs[i][1];
+             }
+             return out;
+           })
+      .def(
+          "build_block_tables",
+          [](const BlockPool& p, const py::array& seq_ids, py::array& out) {
+            check_array<int64_t>(seq_ids, "seq_ids", 1, false);
+            check_array<int32_t>(out, "out", 2, true);
+            if (out.shape(0) != seq_ids.shape(0))
+              throw py::value_error("out must have one row per seq_id");
+            p.build_block_tables(static_cast<const int64_t*>(seq_ids.data()), seq_ids.shape(0),
+                                 static_cast<int32_t*>(out.mutable_data()), out.shape(1));
+          },
+          py::arg("seq_ids"), py::arg("out"))
+      .def(
+          "build_slot_mapping",
+          [](const BlockPool& p, const py::array& seq_ids, const py::array& starts,
+             const py::array& ends, py::array& out) {
+            check_array<int64_t>(seq_ids, "seq_ids", 1, false);
+            check_array<int64_t>(starts, "starts", 1, false);
+            check_array<int64_t>(ends, "ends", 1, false);
+            check_array<int64_t>(out, "out", 1, true);
+            const auto n = seq_ids.shape(0);
+            if (starts.shape(0) != n || ends.shape(0) != n)
+              throw py::value_error("seq_ids, starts and ends must have the same length");
+            p.build_slot_mapping(static_cast<const int64_t*>(seq_ids.data()),
+                                 static_cast<const int64_t*>(starts.data()),
+                                 static_cast<const int64_t*>(ends.data()), n,
+                                 static_cast<int64_t*>(out.mutable_data()), out.shape(0));
+          },
+          py::arg("seq_ids"), py::arg("starts"), py::arg("ends"), py::arg("out"));
+}

@@ -1,0 +1,88 @@
+"""Attention over a paged KV cache, and the store of a step's new K/V rows into it (PyTorch twins).
+
+Cache layout: k_cache / v_cache are [num_blocks, block_size, num_kv_heads, head_dim]; a sequence's
+token at position p lives in block block_tables[seq, p // block_size], row p % block_size.
+A step's queries are packed: sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q and
+attends causally to its kv_lens[i] cached tokens (the step's own K/V are stored first), i.e.
+query j of a sequence sits at absolute position kv_len - q_len + j.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kvcache_torch(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write k/v rows [tokens, kv_heads, head_dim] to flat cache slots; slot -1 means skip (padding)."""
+    if slot_mapping.numel() and bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q: [tokens, heads, head_dim] -> out with the same shape."""
+    starts = cu_seqlens_q.tolist()
+    lens = kv_lens.tolist()
+    out = torch.empty_like(q)
+    # A leading run of single-token queries (decodes) is attended in one batched call.
+    num_decodes = 0
+    while num_decodes < len(lens) and starts[num_decodes + 1] - starts[num_decodes] == 1:
+        num_decodes += 1
+    if num_decodes:
+        out[:num_decodes] = _decode_batch(
+            q[:num_decodes], k_cache, v_cache, block_tables[:num_decodes], kv_lens[:num_decodes], max(lens[:num_decodes]), scale
+        )
+    for i in range(num_decodes, len(lens)):
+        start, end = starts[i], starts[i + 1]
+        out[start:end] = _prefill_one(q[start:end], k_cache, v_cache, block_tables[i], lens[i], scale)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    # [..., blocks] -> [..., blocks * block_size, kv_heads, head_dim]
+    gathered = cache[block_ids]
+    return gathered.flatten(-4, -3)
+
+
+def _decode_batch(q, k_cache, v_cache, block_tables, kv_lens, max_kv_len, scale):
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks = -(-max_kv_len // block_size)
+    block_ids = block_tables[:, :num_blocks].clamp_min(0).long()
+    k = _gather(k_cache, block_ids).transpose(1, 2)  # [batch, kv_heads, padded_len, head_dim]
+    v = _gather(v_cache, block_ids).transpose(1, 2)
+    # One query token per sequence: the heads sharing a KV head become that KV head's query rows.
+    q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    valid = torch.arange(k.shape[2], device=q.device) < kv_lens.to(q.device).unsqueeze(1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.reshape(batch, num_heads, head_dim)
+
+
+def _prefill_one(q, k_cache, v_cache, block_table, kv_len, scale):
+    q_len, num_heads, head_dim = q.shape
+    block_size = k_cache.shape[1]
+    block_ids = block_table[: -(-kv_len // block_size)].long()
+    k = _gather(k_cache, block_ids)[:kv_len].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, head_dim]
+    v = _gather(v_cache, block_ids)[:kv_len].transpose(0, 1).unsqueeze(0)
+    q = q.transpose(0, 1).unsqueeze(0)
+    if q_len == kv_len:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        query_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= query_pos[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)

@@ -1,0 +1,256 @@
+"""`LLM`: the user-facing facade (vLLM-compatible) over the engine."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Callable, Iterable, Iterator, Sequence as Seq
+
+import torch
+
+from speedx._C import BlockPool
+from speedx.engine.llm_engine import LLMEngine
+from speedx.engine.outputs import CompletionOutput, RequestOutput
+from speedx.engine.sampling_params import SamplingParams
+from speedx.models.llama import LlamaForCausalLM
+from speedx.models.loader import is_gguf, load_config_and_weights, load_tokenizer, resolve_model_path
+
+logger = logging.getLogger("speedx")
+if not logger.handlers:  # log to stderr like vLLM unless the application configured logging
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s speedx: %(message)s", "%H:%M:%S"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16}
+DEFAULT_CPU_KV_CACHE = "2GiB"
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Offline batched generation with a paged KV cache, continuous batching and prefix caching.
+
+    model: "default" (embedded SmolLM2-135M-Instruct), a Hugging Face directory, or a .gguf file.
+    kv_cache_memory: KV cache size such as "4GiB" (default: 2GiB on CPU, the share of GPU memory
+    given by gpu_memory_utilization on CUDA).
+    """
+
+    def __init__(
+        self,
+        model: str = "default",
+        dtype: str | torch.dtype = "auto",
+        max_model_len: int | None = None,
+        kv_cache_memory: str | int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        device: str | None = None,
+    ):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be >= 1")
+        path = resolve_model_path(model)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        config, weights = load_config_and_weights(path)
+        self.dtype = _resolve_dtype(dtype, path)
+        limit = min(config.max_position_embeddings, config.sliding_window or config.max_position_embeddings)
+        if max_model_len is not None and max_model_len > limit:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's limit of {limit} tokens")
+        max_model_len = max_model_len or limit
+
+        torch.manual_seed(seed)  # parameters are overwritten; this only makes init cheap and repeatable
+        with torch.device(self.device):
+            net = LlamaForCausalLM(config, max_position=max_model_len)
+        net.load_weights(weights)
+        net.to(self.dtype).eval()
+        net.rotary.to(torch.float32)  # keep the cos/sin tables in fp32
+
+        bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * self.dtype.itemsize
+        budget = self._kv_budget(kv_cache_memory, gpu_memory_utilization, bytes_per_token * max_model_len * max_num_seqs)
+        num_blocks = max(1, budget // (bytes_per_token * block_size))
+        capacity = num_blocks * block_size
+        if capacity < max_model_len:
+            logger.warning("KV cache holds %d tokens < max_model_len %d: capping max_model_len", capacity, max_model_len)
+            max_model_len = capacity
+        pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self.tokenizer = load_tokenizer(path)
+        self.engine = LLMEngine(net, self.tokenizer, pool, self.device, self.dtype, max_model_len,
+                                max_num_seqs, max_num_batched_tokens, seed)
+        self.model_name = str(model)
+        self.max_model_len = max_model_len
+        logger.info(
+            "model %s (%s, %d layers) dtype %s on %s; KV cache %d tokens (%.2f GiB, blocks of %d); "
+            "max concurrency %.1f sequences of %d tokens",
+            model, config.model_type, config.num_hidden_layers, str(self.dtype).removeprefix("torch."), self.device,
+            capacity, num_blocks * block_size * bytes_per_token / 2**30, block_size, capacity / max_model_len, max_model_len,
+        )
+
+    def _kv_budget(self, kv_cache_memory, gpu_memory_utilization: float, useful_bytes: int) -> int:
+        if kv_cache_memory is not None:
+            return parse_bytes(kv_cache_memory)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            reserve = total * (1 - gpu_memory_utilization) + 2**30  # activations and allocator slack
+            return max(int(free - reserve), 0)
+        return min(parse_bytes(DEFAULT_CPU_KV_CACHE), useful_bytes)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        on_finish: Callable[[int, RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for strings, token-id lists, or a mix; outputs come back in input order.
+        on_finish(index, output) is called as each request finishes (to write results as they come).
+        A request that cannot be served (empty, too long) gets an output with `error` set."""
+        results: list[RequestOutput | None] = [None] * len(_as_list(prompts))
+        for index, output in self._run(prompts, sampling_params, use_tqdm):
+            results[index] = output
+            if on_finish is not None:
+                on_finish(index, output)
+        return results  # type: ignore[return-value]
+
+    def stream(
+        self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> Iterator[tuple[int, RequestOutput]]:
+        """Yield (input index, output) pairs in the order requests finish."""
+        return self._run(prompts, sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, add_generation_prompt, chat_template) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt=True, chat_template=None) -> list[int]:
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.model_name} has no chat template; pass chat_template=... or use generate()")
+        text = self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote any BOS itself
+
+    def _run(self, prompts, sampling_params, use_tqdm) -> Iterator[tuple[int, RequestOutput]]:
+        prompts = _as_list(prompts)
+        params = _params_for(prompts, sampling_params)
+        engine = self.engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError("LLM.generate is not re-entrant: finish the previous generate/stream call first")
+        ids = {}
+        for index, (prompt, p) in enumerate(zip(prompts, params)):
+            request_id = str(index)
+            try:
+                engine.add_request(request_id, prompt, p)
+                ids[request_id] = index
+            except ValueError as exc:
+                logger.warning("%s", exc)
+                yield index, _error_output(request_id, prompt, str(exc))
+        progress = _Progress(len(ids), use_tqdm)
+        try:
+            while engine.has_unfinished_requests():
+                finished, stats = engine.step()
+                progress.update(len(finished), stats)
+                for output in finished:
+                    yield ids[output.request_id], output
+        finally:
+            progress.close()
+            engine.abort_all()
+
+
+def _as_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
+
+
+def _params_for(prompts: list, sampling_params) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * len(prompts)
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * len(prompts)
+    sampling_params = list(sampling_params)
+    if len(sampling_params) != len(prompts):
+        raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts; give one or one each")
+    return sampling_params
+
+
+def _error_output(request_id: str, prompt, message: str) -> RequestOutput:
+    text = prompt if isinstance(prompt, str) else None
+    ids = [] if isinstance(prompt, str) else list(prompt)
+    return RequestOutput(request_id, text, ids, [CompletionOutput(0, "", [], "error")], error=message)
+
+
+def _resolve_dtype(dtype, path) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if is_gguf(path):
+            return torch.bfloat16
+        import json
+
+        name = json.loads((path / "config.json").read_text()).get("torch_dtype") or "float32"
+        return _DTYPES.get(name, torch.float32)
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def parse_bytes(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B?)\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read memory size {size!r}; write it like '512MiB' or '4GiB'")
+    units = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    return int(float(match.group(1)) * units[match.group(2).lower().rstrip("b").rstrip("i")])
+
+
+class _Progress:
+    """Finished requests, with live prefill and decode tokens/s."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled and total:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="requests", unit="req", dynamic_ncols=True)
+        self.prefill_tokens = self.decode_tokens = 0
+        self.start = time.perf_counter()
+        self.last_refresh = 0.0
+
+    def update(self, finished: int, stats) -> None:
+        self.prefill_tokens += stats.num_prefill_tokens
+        self.decode_tokens += stats.num_decode_tokens
+        if self.bar is None:
+            return
+        self.bar.update(finished)
+        now = time.perf_counter()
+        if now - self.last_refresh > 0.5:
+            elapsed = max(now - self.start, 1e-9)
+            self.bar.set_postfix_str(
+                f"prefill {self.prefill_tokens / elapsed:,.0f} tok/s, decode {self.decode_tokens / elapsed:,.0f} tok/s"
+            )
+            self.last_refresh = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,114 @@
+"""Owns the model and the KV cache; turns a scheduled batch into tensors, runs it, samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from speedx._C import BlockPool
+from speedx.engine.sampler import counter_uniform, sample_tokens
+from speedx.engine.scheduler import ScheduledBatch
+from speedx.engine.sequence import Sequence
+from speedx.models.attention import AttentionMetadata
+from speedx.models.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, pool: BlockPool, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.pool = pool
+        self.device = device
+        c = model.config
+        shape = (2, c.num_hidden_layers, pool.num_blocks, pool.block_size, c.num_key_value_heads, c.head_dim)
+        # Zeroed, not empty: masked-out padding rows are still multiplied by 0 in attention.
+        self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.k_cache = self.kv_cache[0, i]
+            layer.self_attn.v_cache = self.kv_cache[1, i]
+
+    @staticmethod
+    def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
+        c = model_config
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.finfo(dtype).bits // 8
+
+    def _copy_on_write(self) -> None:
+        copies = self.pool.take_copies()
+        if len(copies):
+            src = torch.from_numpy(copies[:, 0]).to(self.device)
+            dst = torch.from_numpy(copies[:, 1]).to(self.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
+        seqs, counts = batch.sequences, batch.num_new_tokens
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=len(seqs))
+        ends = starts + np.asarray(counts, dtype=np.int64)
+        input_ids = np.fromiter(
+            (t for s, a, b in zip(seqs, starts, ends) for t in s.token_ids[a:b]), dtype=np.int64, count=int(ends.sum() - starts.sum())
+        )
+        positions = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+        seq_ids = np.fromiter((s.seq_id for s in seqs), dtype=np.int64, count=len(seqs))
+        slot_mapping = np.empty(len(input_ids), dtype=np.int64)
+        self.pool.build_slot_mapping(seq_ids, starts, ends, slot_mapping)
+        max_blocks = -(-max(s.num_tokens for s in seqs) // self.pool.block_size)  # prompts hold all their blocks
+        block_tables = np.empty((len(seqs), max_blocks), dtype=np.int32)
+        self.pool.build_block_tables(seq_ids, block_tables)
+        cu_seqlens = np.zeros(len(seqs) + 1, dtype=np.int32)
+        np.cumsum(counts, out=cu_seqlens[1:])
+
+        def to_device(array):
+            return torch.from_numpy(array).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=to_device(slot_mapping),
+            cu_seqlens_q=to_device(cu_seqlens),
+            kv_lens=to_device(ends.astype(np.int32)),
+            block_tables=to_device(block_tables),
+        )
+        return to_device(input_ids), to_device(positions), meta, cu_seqlens
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[list[int]]:
+        """One forward step. Returns, per scheduled sequence, the sampled tokens: [] while its
+        prompt is still being prefilled in chunks, n tokens when an n-sample prompt completes."""
+        self._copy_on_write()
+        input_ids, positions, meta, cu_seqlens = self._prepare(batch)
+        hidden = self.model(input_ids, positions, meta)
+
+        last_rows, rows_of = [], []  # rows of `hidden` to sample from; which sequence/sample each is
+        for i, (seq, count) in enumerate(zip(batch.sequences, batch.num_new_tokens)):
+            if seq.num_computed_tokens + count == seq.num_tokens:
+                for sample in range(1 + seq.pending_forks):
+                    last_rows.append(int(cu_seqlens[i + 1]) - 1)
+                    rows_of.append((i, sample))
+        if not last_rows:
+            return [[] for _ in batch.sequences]
+        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+        tokens = self._sample(logits, [(batch.sequences[i], sample) for i, sample in rows_of]).tolist()
+
+        result: list[list[int]] = [[] for _ in batch.sequences]
+        for (i, _), token in zip(rows_of, tokens):
+            result[i].append(token)
+        return result
+
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
+        for r, (seq, _) in enumerate(rows):
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:  # too early to stop: hide EOS and stop ids
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else seq.request.eos_token_ids)
+                logits[r, banned] = float("-inf")
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        params = [seq.params for seq, _ in rows]
+        uniforms = [
+            counter_uniform(seq.request.seed, seq.sample_index + sample, seq.num_tokens) for seq, sample in rows
+        ]
+        return sample_tokens(
+            logits,
+            column([p.temperature for p in params], torch.float32),
+            column([p.top_k for p in params], torch.int64),
+            column([p.top_p for p in params], torch.float32),
+            column([p.min_p for p in params], torch.float32),
+            column(uniforms, torch.float64),
+        )

@@ -1,0 +1,80 @@
+"""Token sampling: temperature, top-k, top-p, min-p masks, then a seeded inverse-CDF draw.
+
+The random number of a draw is a counter-based hash of (request seed, sample index, position),
+so a seeded request gets the same tokens alone or inside any batch. The draw inverts the float64
+CDF with a 53-bit uniform, so even tiny probabilities keep their exact share.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def counter_uniform(seed: int, sample_index: int, position: int) -> float:
+    """A uniform in [0, 1) that depends only on its three arguments."""
+    x = _splitmix64((seed & _MASK64) ^ _splitmix64(sample_index ^ _splitmix64(position)))
+    return (x >> 11) * 2.0**-53
+
+
+def mask_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf every token outside top-k, then top-p (over the top-k renormalised), then min-p.
+
+    Ties at a boundary are all kept: top-k keeps every logit >= the k-th largest; top-p keeps a
+    token when the mass of strictly-more-probable tokens is < top_p; min-p keeps p >= min_p * p_max.
+    top_k <= 0 or top_p == 1 or min_p == 0 switch a mask off for that row.
+    """
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    k_on = (top_k > 0) & (top_k < vocab)
+    if bool(k_on.any()):
+        k = torch.where(k_on, top_k, torch.ones_like(top_k)).clamp(max=vocab)
+        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+        kth = torch.where(k_on.unsqueeze(1), kth, torch.full_like(kth, float("-inf")))
+        logits.masked_fill_(logits < kth, float("-inf"))
+    p_on = top_p < 1
+    if bool(p_on.any()):
+        probs = torch.softmax(logits.double(), dim=-1)
+        sorted_probs = probs.sort(dim=-1, descending=True).values
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        keep = mass_before < top_p.double().unsqueeze(1)
+        smallest_kept = sorted_probs.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
+        drop = (probs < smallest_kept) & p_on.unsqueeze(1)
+        logits.masked_fill_(drop, float("-inf"))
+    m_on = min_p > 0
+    if bool(m_on.any()):
+        probs = torch.softmax(logits, dim=-1)
+        threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        logits.masked_fill_((probs < threshold) & m_on.unsqueeze(1), float("-inf"))
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> torch.Tensor:
+    """logits [rows, vocab] fp32 -> token ids [rows]. temperature 0 means greedy (argmax)."""
+    tokens = logits.argmax(dim=-1)
+    sampled = (temperature > 0).nonzero().squeeze(1)
+    if sampled.numel() == 0:
+        return tokens
+    scaled = logits[sampled] / temperature[sampled].unsqueeze(1)
+    masked = mask_logits(scaled, top_k[sampled], top_p[sampled], min_p[sampled])
+    cdf = torch.softmax(masked.double(), dim=-1).cumsum(dim=-1)
+    target = uniforms[sampled].double().unsqueeze(1) * cdf[:, -1:]
+    # right=True: the first token whose CDF exceeds the target, so zero-probability tokens never win.
+    choice = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
+    tokens[sampled] = choice
+    return tokens

@@ -1,0 +1,89 @@
+"""A request and its sequences (one per sample; n > 1 forks after the prompt is prefilled)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from speedx.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+_seq_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # the request's own seed, or one drawn from the engine seed
+    eos_token_ids: list[int]
+    sequences: list["Sequence"] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return len(self.sequences) == self.params.n and all(s.is_finished for s in self.sequences)
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    token_ids: list[int]
+    sample_index: int = 0
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    num_computed_tokens: int = 0
+    num_registered_blocks: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    output_text: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def pending_forks(self) -> int:
+        """Samples still to split off this sequence when its prompt prefill completes."""
+        if self.sample_index != 0 or self.num_output_tokens > 0:
+            return 0
+        return self.params.n - 1
+
+    def fork(self, sample_index: int) -> "Sequence":
+        return Sequence(
+            request=self.request,
+            token_ids=list(self.token_ids),
+            sample_index=sample_index,
+            num_computed_tokens=self.num_computed_tokens,
+            num_registered_blocks=self.num_registered_blocks,
+            status=self.status,
+        )

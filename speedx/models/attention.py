@@ -1,0 +1,49 @@
+"""Self-attention that reads and writes the paged KV cache, plus the per-step metadata it needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from speedx.kernels import paged_attention_torch, store_kvcache_torch
+from speedx.models.layers import RotaryEmbedding
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each packed token of a step goes and what each sequence attends to."""
+
+    slot_mapping: torch.Tensor  # [tokens] int64 flat cache slot of each new token (-1: skip)
+    cu_seqlens_q: torch.Tensor  # [seqs + 1] int32 query row offsets; decodes (1 row) come first
+    kv_lens: torch.Tensor  # [seqs] int32 tokens in the cache after this step's store
+    block_tables: torch.Tensor  # [seqs, max_blocks] int32, -1 padded
+
+
+class PagedAttention(nn.Module):
+    """Grouped-query attention with a fused QKV projection over the paged cache."""
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim, rotary: RotaryEmbedding, qkv_bias: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.scale = head_dim**-0.5
+        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=False)
+        self.rotary = rotary
+        # Set by the model runner once the cache is allocated.
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        store_kvcache_torch(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = paged_attention_torch(
+            q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, self.scale
+        )
+        return self.o_proj(out.flatten(1))

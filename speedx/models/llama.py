@@ -1,0 +1,111 @@
+"""Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2) over a packed, paged batch."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from speedx.models.attention import AttentionMetadata, PagedAttention
+from speedx.models.config import ModelConfig
+from speedx.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = PagedAttention(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            rotary,
+            config.qkv_bias,
+        )
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, positions, hidden, meta):
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_position: int):
+        super().__init__()
+        self.config = config
+        self.rotary = RotaryEmbedding(config.head_dim, max_position, config.rope_theta, config.rope_scaling)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Packed tokens [tokens] -> final hidden states [tokens, hidden]."""
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden, meta)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # ------------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the fused parameters; every parameter must be set."""
+        params = dict(self.named_parameters())
+        missing = {(name, shard) for name in params for shard in _shards_of(name)}
+        for name, tensor in weights:
+            if name == "rope_freq_factors":
+                self.rotary.set_frequency_factors(tensor)
+                continue
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                continue
+            target, shard = _fused_target(name.removeprefix("model."))
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} does not belong to a {self.config.model_type} model")
+            param = params[target]
+            rows = self._shard_rows(target, shard)
+            dest = param if rows is None else param[rows[0] : rows[1]]
+            if dest.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            missing.discard((target, shard))
+        if missing:
+            names = sorted(f"{name}[{shard}]" if shard else name for name, shard in missing)
+            raise ValueError(f"checkpoint is missing {len(names)} tensors, e.g. {names[:3]}")
+
+    def _shard_rows(self, target: str, shard: str | None) -> tuple[int, int] | None:
+        if shard is None:
+            return None
+        c = self.config
+        q, kv, inter = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
+        return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv), "gate": (0, inter), "up": (inter, 2 * inter)}[shard]
+
+
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", "q"),
+    "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
+    "self_attn.v_proj": ("self_attn.qkv_proj", "v"),
+    "mlp.gate_proj": ("mlp.gate_up_proj", "gate"),
+    "mlp.up_proj": ("mlp.gate_up_proj", "up"),
+}
+
+
+def _shards_of(param_name: str) -> tuple[str | None, ...]:
+    shards = tuple(shard for part, (fused, shard) in _FUSED.items() if f".{fused}." in param_name)
+    return shards or (None,)
+
+
+def _fused_target(name: str) -> tuple[str, str | None]:
+    """'layers.3.self_attn.k_proj.weight' -> ('layers.3.self_attn.qkv_proj.weight', 'k')."""
+    for part, (fused, shard) in _FUSED.items():
+        if f".{part}." in name:
+            return name.replace(part, fused), shard
+    return name, None

@@ -1,0 +1,139 @@
+"""Greedy (and seeded sampled) generation must equal Hugging Face transformers token for token."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from speedx import LLM, SamplingParams
+from speedx.engine.sampler import counter_uniform, sample_tokens
+
+NEW_TOKENS = 24
+
+
+def random_prompts(vocab: int, lengths, seed=0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+        )
+    return out[0, len(prompt):].tolist()
+
+
+def assert_matches_hf(llm: LLM, model, prompts, max_new_tokens=NEW_TOKENS, n=1):
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, n=n)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert len(outputs) == len(prompts)
+    for prompt, out in zip(prompts, outputs):
+        assert out.error is None
+        assert out.prompt_token_ids == prompt
+        expected = hf_greedy(model, prompt, max_new_tokens)
+        assert len(out.outputs) == n
+        for sample in out.outputs:
+            assert sample.token_ids == expected
+    return outputs
+
+
+def make_llm(path, **kwargs) -> LLM:
+    kwargs.setdefault("dtype", "float32")
+    kwargs.setdefault("block_size", 4)
+    kwargs.setdefault("kv_cache_memory", "8MiB")
+    return LLM(str(path), **kwargs)
+
+
+def test_batch_of_different_lengths(tiny_model):
+    path, model, tok = tiny_model
+    llm = make_llm(path)
+    assert_matches_hf(llm, model, random_prompts(len(tok), [1, 5, 17, 33, 50, 8]))
+
+
+def test_tiny_pool_forces_preemption(tiny_llama):
+    path, model, tok = tiny_llama
+    # 16 blocks x 4 tokens = 64 slots for 6 sequences needing up to 54 each: preemption must happen.
+    llm = make_llm(path, kv_cache_memory=16 * 4 * llm_bytes_per_token(model))
+    assert llm.engine.pool.num_blocks == 16
+    prompts = random_prompts(len(tok), [30, 12, 25, 7, 19, 28], seed=1)
+    preempted = []
+    real_step = llm.engine.step
+
+    def counting_step():
+        finished, stats = real_step()
+        preempted.append(stats.num_preempted)
+        return finished, stats
+
+    llm.engine.step = counting_step
+    assert_matches_hf(llm, model, prompts)
+    assert sum(preempted) > 0
+    assert llm.engine.pool.num_free_blocks == 16  # nothing leaked
+
+
+def llm_bytes_per_token(model) -> int:
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4
+
+
+def test_shared_prefix_hits_prefix_cache(tiny_model):
+    path, model, tok = tiny_model
+    llm = make_llm(path)
+    prefix = random_prompts(len(tok), [21], seed=2)[0]
+    prompts = [prefix + tail for tail in random_prompts(len(tok), [3, 9, 1], seed=3)]
+    first = assert_matches_hf(llm, model, prompts[:1])
+    assert first[0].num_cached_tokens == 0
+    later = assert_matches_hf(llm, model, prompts[1:])
+    assert all(out.num_cached_tokens == 20 for out in later)  # 5 full blocks of the 21-token prefix
+
+
+def test_chunked_prefill(tiny_model):
+    path, model, tok = tiny_model
+    llm = make_llm(path, max_num_batched_tokens=7)
+    assert_matches_hf(llm, model, random_prompts(len(tok), [40, 3, 22], seed=4))
+
+
+def test_n_greater_than_one_forks_share_prompt(tiny_model):
+    path, model, tok = tiny_model
+    llm = make_llm(path)
+    # Greedy samples must all equal HF: any copy-on-write slip in the forked KV would diverge them.
+    assert_matches_hf(llm, model, random_prompts(len(tok), [10, 13], seed=5), n=3)
+
+
+def test_seeded_samples_follow_hf_logits(tiny_llama):
+    """Each sampled token equals the engine's draw applied to HF's logits for the same prefix."""
+    path, model, tok = tiny_llama
+    llm = make_llm(path)
+    prompts = random_prompts(len(tok), [6, 11], seed=6)
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.02, max_tokens=12, n=2, seed=1234)
+    for prompt, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
+        assert out.outputs[0].token_ids != out.outputs[1].token_ids or len(out.outputs[0].token_ids) < 3
+        for sample in out.outputs:
+            tokens = prompt + sample.token_ids
+            with torch.no_grad():
+                logits = model(torch.tensor([tokens])).logits[0].float()
+            for step, token in enumerate(sample.token_ids):
+                pos = len(prompt) + step
+                expected = sample_tokens(
+                    logits[pos - 1 : pos], torch.tensor([0.8]), torch.tensor([40]), torch.tensor([0.9]),
+                    torch.tensor([0.02]), torch.tensor([counter_uniform(1234, sample.index, pos)], dtype=torch.float64),
+                )
+                assert int(expected) == token
+
+
+def test_mixed_strings_and_token_ids(tiny_llama):
+    path, model, tok = tiny_llama
+    llm = make_llm(path)
+    text = "the quick brown fox"
+    ids = tok.encode("a small robot paints")
+    outs = llm.generate([text, ids], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert outs[0].prompt == text and outs[0].prompt_token_ids == tok.encode(text)
+    assert outs[1].prompt is None and outs[1].prompt_token_ids == ids
+    for out in outs:
+        assert out.outputs[0].token_ids == hf_greedy(model, out.prompt_token_ids, 8)
+        assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)

@@ -1,0 +1,127 @@
+"""Sampling masks against a sort-based reference, seeded draws, and empirical frequencies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from speedx.engine.sampler import counter_uniform, mask_logits, sample_tokens
+
+
+def reference_keep(logits: list[float], top_k: int, top_p: float, min_p: float) -> set[int]:
+    """Plain-Python statement of the mask rules (ties at a boundary are kept)."""
+    vocab = len(logits)
+    keep = set(range(vocab))
+    if 0 < top_k < vocab:
+        kth = sorted(logits, reverse=True)[top_k - 1]
+        keep = {i for i in keep if logits[i] >= kth}
+
+    def probs_of(kept):
+        finite = [logits[i] for i in kept if logits[i] != -math.inf]
+        top = max(finite)
+        weights = {i: (math.exp(logits[i] - top) if logits[i] != -math.inf else 0.0) for i in kept}
+        total = sum(weights.values())
+        return {i: w / total for i, w in weights.items()}
+
+    if top_p < 1:
+        p = probs_of(keep)
+        keep = {i for i in keep if sum(q for q in p.values() if q > p[i]) < top_p}
+    if min_p > 0:
+        p = probs_of(keep)
+        top = max(p.values())
+        keep = {i for i in keep if p[i] >= min_p * top}
+    return {i for i in keep if logits[i] != -math.inf}
+
+
+def random_logits(gen, vocab):
+    logits = torch.randn(vocab, generator=gen) * 2
+    # Ties and impossible tokens on purpose.
+    logits[torch.randint(vocab, (3,), generator=gen)] = logits[0].item()
+    logits[torch.randint(vocab, (2,), generator=gen)] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_masks_equal_reference(case):
+    gen = torch.Generator().manual_seed(case)
+    vocab = int(torch.randint(5, 60, (1,), generator=gen))
+    rows, settings = [], []
+    for _ in range(4):
+        rows.append(random_logits(gen, vocab))
+        settings.append((int(torch.randint(-1, vocab + 2, (1,), generator=gen)),
+                         [1.0, 0.5, 0.9, 0.05][int(torch.randint(4, (1,), generator=gen))],
+                         [0.0, 0.1, 0.5][int(torch.randint(3, (1,), generator=gen))]))
+    logits = torch.stack(rows)
+    top_k = torch.tensor([s[0] for s in settings])
+    top_p = torch.tensor([s[1] for s in settings])
+    min_p = torch.tensor([s[2] for s in settings])
+    masked = mask_logits(logits, top_k, top_p, min_p)
+    for r, (k, p, m) in enumerate(settings):
+        kept = set(torch.isfinite(masked[r]).nonzero().flatten().tolist())
+        assert kept == reference_keep(logits[r].tolist(), k, p, m), (k, p, m)
+
+
+def test_tied_top_k_keeps_all_ties():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.5]])
+    masked = mask_logits(logits, torch.tensor([2]), torch.tensor([1.0]), torch.tensor([0.0]))
+    assert torch.isfinite(masked[0]).tolist() == [False, True, True, True, False]
+
+
+def test_greedy_is_argmax_and_ignores_random():
+    logits = torch.randn(5, 17)
+    zeros = torch.zeros(5)
+    tokens = sample_tokens(logits, zeros, torch.full((5,), -1), torch.ones(5), zeros, torch.rand(5, dtype=torch.float64))
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_counter_uniform_depends_only_on_key():
+    values = {counter_uniform(7, s, p) for s in range(3) for p in range(200)}
+    assert len(values) == 600
+    assert all(0.0 <= v < 1.0 for v in values)
+    assert counter_uniform(7, 1, 5) == counter_uniform(7, 1, 5)
+
+
+def test_draw_is_batch_invariant():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 50, generator=gen)
+    temp, k, p, m = torch.full((8,), 0.7), torch.full((8,), 20), torch.full((8,), 0.95), torch.full((8,), 0.01)
+    u = torch.tensor([counter_uniform(11, 0, pos) for pos in range(8)], dtype=torch.float64)
+    batch = sample_tokens(logits, temp, k, p, m, u)
+    perm = torch.randperm(8, generator=gen)
+    permuted = sample_tokens(logits[perm], temp[perm], k[perm], p[perm], m[perm], u[perm])
+    assert permuted.tolist() == batch[perm].tolist()
+    for i in range(8):
+        alone = sample_tokens(logits[i : i + 1], temp[i : i + 1], k[i : i + 1], p[i : i + 1], m[i : i + 1], u[i : i + 1])
+        assert int(alone) == int(batch[i])
+
+
+def test_empirical_frequencies_match_masked_distribution():
+    """20,000 seeded draws; each token's frequency within 5 standard errors (+1e-3) of its probability."""
+    logits = torch.tensor([2.0, 1.5, 1.5, 0.3, -1.0, -2.5, float("-inf"), -4.0])
+    temperature, top_k, top_p, min_p = 0.9, 6, 0.97, 0.02
+    draws = 20_000
+    scaled = (logits / temperature).expand(draws, -1)
+    u = torch.tensor([counter_uniform(99, 0, pos) for pos in range(draws)], dtype=torch.float64)
+    tokens = sample_tokens(
+        scaled.clone() * temperature, torch.full((draws,), temperature), torch.full((draws,), top_k),
+        torch.full((draws,), top_p), torch.full((draws,), min_p), u,
+    )
+    masked = mask_logits(scaled[:1], torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([min_p]))[0]
+    probs = torch.softmax(masked.double(), -1)
+    counts = torch.bincount(tokens, minlength=len(logits)).double() / draws
+    for token, (f, q) in enumerate(zip(counts.tolist(), probs.tolist())):
+        bound = 5 * math.sqrt(max(q * (1 - q), 1e-12) / draws) + 1e-3
+        assert abs(f - q) <= bound, (token, f, q)
+        if q == 0:
+            assert f == 0
+
+
+def test_tiny_probabilities_are_not_truncated():
+    # A token with probability ~1e-9 must still own its share of the unit interval.
+    logits = torch.tensor([[0.0, -20.7]])
+    probs = torch.softmax(logits.double(), -1)
+    u = torch.tensor([1.0 - probs[0, 1].item() / 2], dtype=torch.float64)
+    token = sample_tokens(logits, torch.ones(1), torch.tensor([-1]), torch.ones(1), torch.zeros(1), u)
+    assert int(token) == 1
