@@ -25,7 +25,9 @@ from speedx.models.loader import load_config_and_weights, resolve_model_path
 
 CHAT = (
     "Write a short story about a robot who learns to paint. Describe the colors, the brushes, the light in "
-    "the studio and how it feels when the first painting is finished and shown to the people of the city."
+    "the studio and how it feels when the first painting is finished and shown to the people of the city. "
+    "Give the robot a name, a friend who teaches it, and one mistake that turns out to be the best part of "
+    "the picture. Keep it warm, concrete and under three hundred words."
 )
 
 
@@ -61,13 +63,12 @@ def hf_model_like(model_path, dtype: torch.dtype, device: str):
         tie_word_embeddings=config.tie_word_embeddings, bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_ids[0] if config.eos_token_ids else None,
     )
-    with torch.device("meta"):
-        model = getattr(transformers, f"{arch}ForCausalLM")(hf_config)
-    state = {name: tensor.to(dtype) for name, tensor in weights}
+    hf_config._attn_implementation = "sdpa"
+    model = getattr(transformers, f"{arch}ForCausalLM")(hf_config)
+    state = dict(weights)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    model.config._attn_implementation = "sdpa"
+    model.load_state_dict(state, strict=True)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -50,6 +50,9 @@ TINY_CONFIGS = {
                     num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # Mistral layout (no sliding window within these lengths).
+    "mistral": dict(arch="MistralForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None),
 }
 
 

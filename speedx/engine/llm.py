@@ -13,6 +13,7 @@ from speedx._C import BlockPool
 from speedx.engine.llm_engine import LLMEngine
 from speedx.engine.outputs import CompletionOutput, RequestOutput
 from speedx.engine.sampling_params import SamplingParams
+from speedx.models.layers import widen_cpu_matmuls
 from speedx.models.llama import LlamaForCausalLM
 from speedx.models.loader import is_gguf, load_config_and_weights, load_tokenizer, resolve_model_path
 
@@ -35,7 +36,7 @@ class LLM:
 
     model: "default" (embedded SmolLM2-135M-Instruct), a Hugging Face directory, or a .gguf file.
     kv_cache_memory: KV cache size such as "4GiB" (default: 2GiB on CPU, the share of GPU memory
-    given by gpu_memory_utilization on CUDA).
+    given by gpu_memory_utilization on CUDA). tokenizer: take the tokenizer from another path.
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         device: str | None = None,
+        tokenizer: str | None = None,
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be >= 1")
@@ -69,6 +71,9 @@ class LLM:
         net.load_weights(weights)
         net.to(self.dtype).eval()
         net.rotary.to(torch.float32)  # keep the cos/sin tables in fp32
+        if self.device.type == "cpu" and self.dtype != torch.float32 and not _cpu_has_amx():
+            widen_cpu_matmuls(net, self.dtype)
+            net.lm_head.out_dtype = torch.float32  # logits feed the sampler in fp32 anyway
 
         bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * self.dtype.itemsize
         budget = self._kv_budget(kv_cache_memory, gpu_memory_utilization, bytes_per_token * max_model_len * max_num_seqs)
@@ -78,7 +83,7 @@ class LLM:
             logger.warning("KV cache holds %d tokens < max_model_len %d: capping max_model_len", capacity, max_model_len)
             max_model_len = capacity
         pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
-        self.tokenizer = load_tokenizer(path)
+        self.tokenizer = load_tokenizer(resolve_model_path(tokenizer) if tokenizer else path)
         self.engine = LLMEngine(net, self.tokenizer, pool, self.device, self.dtype, max_model_len,
                                 max_num_seqs, max_num_batched_tokens, seed)
         self.model_name = str(model)
@@ -197,6 +202,11 @@ def _error_output(request_id: str, prompt, message: str) -> RequestOutput:
     text = prompt if isinstance(prompt, str) else None
     ids = [] if isinstance(prompt, str) else list(prompt)
     return RequestOutput(request_id, text, ids, [CompletionOutput(0, "", [], "error")], error=message)
+
+
+def _cpu_has_amx() -> bool:
+    # With AMX tiles bf16 GEMM is fast natively; without them fp32 GEMM wins (see WideMatmulLinear).
+    return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
 
 
 def _resolve_dtype(dtype, path) -> torch.dtype:

@@ -56,14 +56,36 @@ class Scheduler:
                 budget -= num_new
 
         # New prompts only when nothing had to give way: a preemption means memory is short.
-        while self.waiting and budget > 0 and num_preempted == 0 and len(self.running) < self.max_num_seqs:
+        if num_preempted == 0:
+            budget = self._admit_waiting(budget, chosen)
+
+        chosen.sort(key=lambda item: item[1] != 1)  # stable: decodes first, order kept otherwise
+        return ScheduledBatch([s for s, _ in chosen], [n for _, n in chosen], num_preempted)
+
+    def _admit_waiting(self, budget: int, chosen: list[tuple[Sequence, int]]) -> int:
+        """Admit waiting sequences in FIFO order while blocks, budget and max_num_seqs allow.
+
+        A prompt whose first block equals that of a prompt admitted in this same step waits one
+        step: by then that block is computed and cached, so it prefills only what differs (many
+        synthesis prompts share a long template prefix; prefilling each copy would waste compute).
+        """
+        block_size = self.pool.block_size
+        first_blocks_in_flight: set[tuple[int, ...]] = set()
+        deferred: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            first_block = tuple(seq.token_ids[:block_size]) if seq.num_tokens > block_size else None
+            if first_block is not None and first_block in first_blocks_in_flight:
+                deferred.append(self.waiting.popleft())
+                continue
             cached = self.pool.allocate_sequence(seq.seq_id, seq.token_ids, seq.num_tokens)
             if cached < 0:
                 break
             self.waiting.popleft()
+            if cached == 0 and first_block is not None:
+                first_blocks_in_flight.add(first_block)
             seq.num_computed_tokens = cached
-            seq.num_registered_blocks = cached // self.pool.block_size
+            seq.num_registered_blocks = cached // block_size
             if seq.num_output_tokens == 0:
                 seq.request.num_cached_tokens = cached
             seq.status = SequenceStatus.RUNNING
@@ -71,9 +93,8 @@ class Scheduler:
             num_new = min(seq.num_tokens - cached, budget)
             chosen.append((seq, num_new))
             budget -= num_new
-
-        chosen.sort(key=lambda item: item[1] != 1)  # stable: decodes first, order kept otherwise
-        return ScheduledBatch([s for s, _ in chosen], [n for _, n in chosen], num_preempted)
+        self.waiting.extendleft(reversed(deferred))  # back at the front, in their original order
+        return budget
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

