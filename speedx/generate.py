@@ -1,0 +1,127 @@
+"""`python -m speedx.generate`: write validated, deduplicated embedding training data.
+
+With no arguments it runs the embedded default model on tasks brainstormed from the built-in
+topic taxonomy and writes 64 examples under ./speedx-out/. Re-running with the same arguments
+resumes a killed run; `--shard i/n` splits the work; `python -m speedx.generate merge` joins shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from speedx.synth.families import DEFAULT_MIX, parse_families, parse_mix
+from speedx.synth.run_files import atomic_write_json, read_jsonl
+
+EXIT_BAD_INPUT = 2
+# Settings that must match for a re-run to resume a run directory (num_examples may grow).
+RESUME_KEYS = ("model", "families", "mix", "seed", "temperature", "top_p", "max_tokens", "tasks", "topics",
+               "num_topics", "revisor", "json_mode", "shard")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m speedx.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="generator: 'default', a HF directory or a .gguf file")
+    p.add_argument("--families", default=None, help="comma list of retrieval, classification, sts, short_short, "
+                   "long_long, bitext (default: all but bitext)")
+    p.add_argument("--mix", default=DEFAULT_MIX, help="family weights: classification:sts:retrieval:matching "
+                   "(default 7:7:7:2, the paper's) or name=weight pairs")
+    p.add_argument("--num-examples", type=int, default=64, help="valid unique examples to write")
+    p.add_argument("--out", default="speedx-out", help="run directory (created; re-use it to resume)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=1024, help="per generated example")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", default=None, help="tasks file: JSONL {task, family?} or one task per line")
+    p.add_argument("--topics", default=None, help="topics file (one 'A > B > C' path per line) for brainstorming; "
+                   "default: the built-in taxonomy")
+    p.add_argument("--num-topics", type=int, default=None, help="topics to brainstorm tasks for "
+                   "(default: num_examples / 4, at least 4)")
+    p.add_argument("--revisor", default=None, help="model that revises each example once (a second pass)")
+    p.add_argument("--shard", default="0/1", help="i/n: this process does example slots s with s %% n == i")
+    p.add_argument("--json-mode", choices=("constrained", "repair"), default="constrained",
+                   help="constrained: grammar-masked decoding (always valid JSON); repair: lenient parsing")
+    p.add_argument("--max-attempts", type=int, default=4, help="generation attempts per example slot")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-memory", default=None, help="e.g. 4GiB (default: the engine's)")
+    p.add_argument("--gpu-hour-price", type=float, default=2.0, help="$ per device-hour for the cost report")
+    p.add_argument("--api-price-in", type=float, default=2.5, help="teacher API $ per 1M input tokens (GPT-4o)")
+    p.add_argument("--api-price-out", type=float, default=10.0, help="teacher API $ per 1M output tokens (GPT-4o)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"bad --shard {text!r}: write i/n, e.g. 0/4") from None
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"bad --shard {text!r}: need 0 <= i < n")
+    return index, count
+
+
+def check_arguments(args) -> dict:
+    """Everything that can be wrong with the arguments, checked before anything is written."""
+    from speedx.synth.tasks import load_tasks_file, load_topics
+
+    families = parse_families(args.families)
+    weights = parse_mix(args.mix, families)
+    families = [f for f in families if weights[f.name] > 0]
+    if args.num_examples < 1:
+        raise ValueError("--num-examples must be >= 1")
+    if args.max_tokens < 16:
+        raise ValueError("--max-tokens must be >= 16: an example needs room for its JSON")
+    if args.max_attempts < 1:
+        raise ValueError("--max-attempts must be >= 1")
+    shard = parse_shard(args.shard)
+    tasks = load_tasks_file(args.tasks, families) if args.tasks else None
+    topics = None if tasks else load_topics(args.topics)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"cannot write to --out {out}: {exc.strerror}") from None
+    config = {key: getattr(args, key) for key in RESUME_KEYS}
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        previous = json.loads(manifest.read_text()).get("config", {})
+        changed = [k for k in RESUME_KEYS if k in previous and previous[k] != config[k]]
+        if changed:
+            raise ValueError(f"--out {out} holds a run with different {', '.join(changed)}; "
+                             "use the same arguments to resume, or a new --out")
+    return {"families": families, "weights": weights, "shard": shard, "tasks": tasks, "topics": topics,
+            "out": out, "config": config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "merge":
+        from speedx.synth.merge import main as merge_main
+
+        return merge_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        checked = check_arguments(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from speedx.synth.cli_run import run_generate
+
+    try:
+        return run_generate(args, checked)
+    except ValueError as exc:  # e.g. a schema the grammar compiler rejects
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The body of `python -m speedx.generate` once the arguments are known to be good."""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from functools import partial
+from pathlib import Path
+
+from speedx.synth.pipeline import Planner, RunState, SynthesisRun, summarize
+from speedx.synth.records import export_sentence_transformers
+from speedx.synth.report import Progress, cost_report, print_summary
+from speedx.synth.run_files import JsonlAppender, atomic_write_json, read_jsonl
+from speedx.synth.tasks import Task, brainstorm_tasks
+
+
+def sampling_factory(temperature: float, top_p: float, max_tokens: int):
+    from speedx import SamplingParams
+
+    return partial(SamplingParams, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+
+
+def shard_slots(num_examples: int, shard: tuple[int, int]) -> list[int]:
+    index, count = shard
+    return [s for s in range(num_examples) if s % count == index]
+
+
+def load_or_make_tasks(args, checked, llm) -> tuple[list[Task], dict]:
+    out: Path = checked["out"]
+    path = out / "tasks.jsonl"
+    saved = [Task(**record) for record in read_jsonl(path, repair=True)]
+    if saved:
+        return saved, {"source": "resumed"}
+    if checked["tasks"] is not None:
+        tasks, stats = checked["tasks"], {"source": "file", "file": args.tasks}
+    else:
+        num_topics = args.num_topics or max(4, math.ceil(args.num_examples / 4))
+        params = sampling_factory(args.temperature, args.top_p, 128)
+        tasks, stats = brainstorm_tasks(llm, checked["families"], checked["topics"], num_topics, args.seed,
+                                        args.json_mode, params)
+        stats["source"] = "brainstorm"
+        missing = {f.name for f in checked["families"]} - {t.family for t in tasks}
+        if missing:  # a weak model may fail a family entirely; fall back to that family's example tasks
+            from speedx.synth.families import FAMILIES
+
+            for name in sorted(missing):
+                for text in FAMILIES[name].example_tasks:
+                    tasks.append(Task(f"x{len(tasks)}", name, text, None, "builtin"))
+            stats["fallback_families"] = sorted(missing)
+    writer = JsonlAppender(path)
+    for task in tasks:
+        writer.write(task.to_json())
+    writer.close()
+    return tasks, stats
+
+
+def run_generate(args, checked) -> int:
+    import torch
+
+    import speedx
+    from speedx import LLM
+
+    out: Path = checked["out"]
+    manifest_path = out / "manifest.json"
+    previous = __import__("json").loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    llm = LLM(args.model, dtype=args.dtype, seed=args.seed, kv_cache_memory=args.kv_cache_memory)
+    start = time.perf_counter()
+    tasks, task_stats = load_or_make_tasks(args, checked, llm)
+    revisor = None
+    if args.revisor:
+        revisor_llm = llm if args.revisor == args.model else LLM(args.revisor, dtype=args.dtype, seed=args.seed,
+                                                                 kv_cache_memory=args.kv_cache_memory)
+        revisor = (revisor_llm, sampling_factory(args.temperature, args.top_p, args.max_tokens))
+    planner = Planner(checked["families"], checked["weights"], tasks, args.seed)
+    slots = shard_slots(args.num_examples, checked["shard"])
+    progress = None if args.no_progress else Progress(len(slots))
+    run = SynthesisRun(llm, planner, out, slots, args.json_mode, sampling_factory(args.temperature, args.top_p, args.max_tokens),
+                       args.max_attempts, args.model, revisor, progress)
+    if progress:
+        progress.start(len(run.state.filled))
+    manifest = {
+        "config": checked["config"] | {"num_examples": args.num_examples},
+        "status": "running",
+        "versions": {"speedx": speedx.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "device": str(llm.device),
+        "tasks": {"count": len(tasks), **task_stats},
+        "wall_seconds": previous.get("wall_seconds", 0.0),
+    }
+    atomic_write_json(manifest_path, manifest)
+    try:
+        run.run()
+    finally:
+        if progress:
+            progress.close()
+        manifest["wall_seconds"] = previous.get("wall_seconds", 0.0) + time.perf_counter() - start
+        summary = summarize(RunState.load(out))
+        manifest.update(summary)
+        manifest["status"] = "complete" if summary["examples"] >= len(slots) else "incomplete"
+        manifest["cost"] = cost_report(summary, manifest["wall_seconds"], args, llm.device)
+        atomic_write_json(manifest_path, manifest)
+    examples = list(read_jsonl(out / "examples.jsonl"))
+    manifest["export"] = export_sentence_transformers(examples, out / "sentence-transformers")
+    atomic_write_json(manifest_path, manifest)
+    print_summary(manifest, len(slots))
+    if manifest["status"] != "complete":
+        print(f"note: {len(slots) - summary['examples']} slots found no valid example within --max-attempts "
+              f"{args.max_attempts}; raise it or re-run with a larger --max-attempts to fill them")
+    return 0

@@ -1,0 +1,120 @@
+"""Turn an engine output into an example record or a rejection, and export training layouts."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from speedx.synth.families import FAMILIES, Family
+from speedx.synth.json_repair import JSONRepairError, parse_json_object
+from speedx.synth.validate import validate_example
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One generation attempt for one example slot; everything about it follows from (seed, slot, attempt)."""
+
+    slot: int
+    attempt: int
+    family: Family
+    task_id: str
+    task: str
+    knobs: dict
+    seed: int
+    messages: list
+
+    @property
+    def id(self) -> str:
+        return f"s{self.slot}-a{self.attempt}"
+
+
+def parse_output(text: str, json_mode: str) -> dict:
+    """Constrained output must be exact JSON; repair mode accepts fenced, chatty or truncated JSON."""
+    if json_mode == "constrained":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise JSONRepairError(f"invalid JSON: {exc.msg}") from exc
+        if not isinstance(data, dict):
+            raise JSONRepairError("top level is not an object")
+        return data
+    return parse_json_object(text)
+
+
+def example_record(request: PlannedRequest, data: dict, model: str, revised: bool, tokens: dict) -> dict:
+    record = request.family.to_record(data, request.task)
+    return {
+        "id": request.id,
+        "slot": request.slot,
+        "family": request.family.name,
+        "task_id": request.task_id,
+        "task": request.task,
+        "query": record.query,
+        "positive": record.positive,
+        "negatives": record.negatives,
+        "instruction": record.instruction,
+        "raw": data,
+        "knobs": request.knobs,
+        "generator": model,
+        "revised": revised,
+        **tokens,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def rejection_record(request: PlannedRequest, reason: str, text: str, tokens: dict) -> dict:
+    return {
+        "id": request.id,
+        "slot": request.slot,
+        "family": request.family.name,
+        "task_id": request.task_id,
+        "reason": reason,
+        "text": text,
+        **tokens,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def check_example(request: PlannedRequest, text: str, json_mode: str) -> tuple[dict | None, str | None]:
+    """(parsed example, None) when usable, else (None, rejection reason)."""
+    try:
+        data = parse_output(text, json_mode)
+    except JSONRepairError:
+        return None, "unparseable_json"
+    reason = validate_example(request.family, data, request.knobs)
+    return (None, reason) if reason else (data, None)
+
+
+def dedup_text(record: dict) -> str:
+    return f"{record['query']}\n{record['positive']}"
+
+
+def export_sentence_transformers(examples: list[dict], out_dir: Path) -> dict[str, int]:
+    """anchor/positive/negative columns (JSONL and Parquet); the query carries its instruction.
+    Examples with negatives go to triplets, the matching families (no negative) to pairs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    triplets, pairs = [], []
+    for ex in examples:
+        anchor = f"Instruct: {ex['instruction']}\nQuery: {ex['query']}"
+        if ex["negatives"]:
+            triplets.append({"anchor": anchor, "positive": ex["positive"], "negative": ex["negatives"][0]})
+        else:
+            pairs.append({"anchor": anchor, "positive": ex["positive"]})
+    counts = {}
+    for name, rows in (("triplets", triplets), ("pairs", pairs)):
+        counts[name] = len(rows)
+        with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        columns = ["anchor", "positive"] + (["negative"] if name == "triplets" else [])
+        table = pa.table({c: [r[c] for r in rows] for c in columns})
+        pq.write_table(table, out_dir / f"{name}.parquet")
+    return counts
+
+
+def family_of(name: str) -> Family:
+    return FAMILIES[name]

@@ -1,0 +1,48 @@
+"""The run directory: append-only JSONL files that survive a kill, and atomic JSON writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class JsonlAppender:
+    """Appends one record per line; each record is one write + flush + fsync, so a kill leaves at
+    most a partial last line, which `read_jsonl(..., repair=True)` cuts off on resume."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_jsonl(path: Path, repair: bool = False) -> Iterator[dict]:
+    """Records of a JSONL file; with repair=True a torn last line (a killed write) is truncated away."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if repair and data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with open(path, "r+b") as f:
+            f.truncate(len(data))
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc

@@ -1,0 +1,136 @@
+"""Where task definitions come from: a user's tasks file, or topics brainstormed by the model."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from speedx.synth.dedup import Deduplicator
+from speedx.synth.families import FAMILIES, Family
+from speedx.synth.json_repair import JSONRepairError, parse_json_object
+from speedx.synth.prompts import brainstorm_messages, brainstorm_schema
+
+MAX_TOPIC_DEPTH = 4
+TASK_WORDS = (3, 40)  # a task definition is a sentence, not a word and not an essay
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    family: str
+    task: str
+    topic: str | None = None
+    source: str = "file"  # "file" or "brainstorm"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def truncate_topic(path: str) -> str:
+    """Paths deeper than 4 levels keep their first two and last two parts."""
+    parts = [p.strip() for p in path.split(">") if p.strip()]
+    if len(parts) > MAX_TOPIC_DEPTH:
+        parts = parts[:2] + parts[-2:]
+    return " > ".join(parts)
+
+
+def load_topics(path: str | None) -> list[str]:
+    if path is None:
+        text = (resources.files("speedx.synth") / "data" / "topics.txt").read_text(encoding="utf-8")
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read --topics file {path}: {exc.strerror}") from exc
+    topics = list(dict.fromkeys(truncate_topic(line) for line in text.splitlines() if line.strip()))
+    if not topics:
+        raise ValueError(f"--topics file {path} holds no topics (one per line, levels joined by ' > ')")
+    return topics
+
+
+def load_tasks_file(path: str, families: list[Family]) -> list[Task]:
+    """JSONL ({"task": ..., "family": optional}) or plain lines; a line without a family serves every
+    selected family. Errors name the file and line."""
+    selected = {f.name for f in families}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read --tasks file {path}: {exc}") from exc
+    tasks: list[Task] = []
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line:
+            continue
+        where = f"{path}:{number}"
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg}); write one JSON object or one plain task per line")
+            text, family = record.get("task"), record.get("family")
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f'{where}: needs a non-empty "task" string')
+            if family is not None and family not in FAMILIES:
+                raise ValueError(f"{where}: unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+            names = [family] if family else sorted(selected)
+        else:
+            text, names = line, sorted(selected)
+        for name in names:
+            if name in selected:
+                tasks.append(Task(f"t{len(tasks)}", name, text.strip(), record.get("topic") if line.startswith("{") else None))
+    missing = selected - {t.family for t in tasks}
+    if missing:
+        raise ValueError(f"--tasks file {path} has no task for families {sorted(missing)}")
+    return tasks
+
+
+def brainstorm_tasks(llm, families: list[Family], topics: list[str], num_topics: int, seed: int,
+                     json_mode: str, params_factory) -> tuple[list[Task], dict]:
+    """Ask the model for task definitions per (topic, family); keep one per topic, drop near-duplicates."""
+    rng = random.Random(seed)
+    chosen = rng.sample(topics, min(num_topics, len(topics)))
+    jobs = [(topic, family) for topic in chosen for family in families]
+    prompts = [llm.apply_chat_template(brainstorm_messages(family, topic)) for topic, family in jobs]
+    schema = brainstorm_schema() if json_mode == "constrained" else None
+    params = [params_factory(seed=hash_seed(seed, i), json_schema=schema) for i in range(len(jobs))]
+    seen = Deduplicator(threshold=0.8)
+    tasks, stats = [], {"requests": len(jobs), "kept": 0, "unusable": 0, "duplicates": 0, "output_tokens": 0,
+                        "prompt_tokens": 0}
+    for index, out in sorted(llm.stream(prompts, params), key=lambda pair: pair[0]):
+        topic, family = jobs[index]
+        stats["output_tokens"] += out.num_output_tokens
+        stats["prompt_tokens"] += out.num_prompt_tokens
+        candidates = _task_candidates(out.outputs[0].text if out.error is None else "")
+        kept = None
+        for text in candidates:
+            if seen.check_and_add(f"{family.name}:{text}", f"{family.name} {text}") is None:
+                kept = text
+                break
+        if kept is None:
+            stats["duplicates" if candidates else "unusable"] += 1
+            continue
+        tasks.append(Task(f"b{index}", family.name, kept, topic, "brainstorm"))
+    stats["kept"] = len(tasks)
+    return tasks, stats
+
+
+def _task_candidates(text: str) -> list[str]:
+    try:
+        items = parse_json_object(text).get("tasks", [])
+    except JSONRepairError:
+        return []
+    low, high = TASK_WORDS
+    return [t.strip() for t in items if isinstance(t, str) and low <= len(t.split()) <= high]
+
+
+def hash_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (Python's hash() is salted per process for strings)."""
+    from speedx.engine.sampler import _splitmix64
+
+    value = 0
+    for part in parts:
+        value = _splitmix64(value ^ (part & (2**64 - 1)))
+    return value >> 1
