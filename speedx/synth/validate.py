@@ -41,10 +41,14 @@ def validate_example(family: Family, data: object, knobs: dict[str, str]) -> str
     norm = {key: normalize_text(value) for key, value in data.items()}
     query = norm[family.query_key]
     docs = [family.positive_key, *family.negative_keys]
+    if family.name == "classification" and norm["label"] == norm["misleading_label"]:
+        return "label_equals_misleading_label"
+    if family.name in ("sts", "bitext") and len(set(norm.values())) < len(norm):
+        return "fields_not_distinct"
     if any(norm[d] == query or (_words(query) >= 3 and query in norm[d]) for d in docs):
         return "document_copies_query"
     if len(set(norm.values())) < len(norm):
-        return "label_equals_misleading_label" if family.name == "classification" else "fields_not_distinct"
+        return "fields_not_distinct"
     return _length_problem(family, data, knobs)
 
 
