@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import deque
 from typing import Callable, Iterable, Iterator, Sequence as Seq
 
 import torch
@@ -235,7 +236,9 @@ def parse_bytes(size: str | int) -> int:
 
 
 class _Progress:
-    """Finished requests, with live prefill and decode tokens/s."""
+    """Finished requests, with live prefill and decode tokens/s (over the last few seconds)."""
+
+    WINDOW_SECONDS = 3.0
 
     def __init__(self, total: int, enabled: bool):
         self.bar = None
@@ -243,22 +246,22 @@ class _Progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc="requests", unit="req", dynamic_ncols=True)
-        self.prefill_tokens = self.decode_tokens = 0
-        self.start = time.perf_counter()
+        self.window: deque[tuple[float, int, int]] = deque()  # (time, prefill tokens, decode tokens)
         self.last_refresh = 0.0
 
     def update(self, finished: int, stats) -> None:
-        self.prefill_tokens += stats.num_prefill_tokens
-        self.decode_tokens += stats.num_decode_tokens
         if self.bar is None:
             return
         self.bar.update(finished)
         now = time.perf_counter()
+        self.window.append((now, stats.num_prefill_tokens, stats.num_decode_tokens))
+        while now - self.window[0][0] > self.WINDOW_SECONDS and len(self.window) > 1:
+            self.window.popleft()
         if now - self.last_refresh > 0.5:
-            elapsed = max(now - self.start, 1e-9)
-            self.bar.set_postfix_str(
-                f"prefill {self.prefill_tokens / elapsed:,.0f} tok/s, decode {self.decode_tokens / elapsed:,.0f} tok/s"
-            )
+            span = max(now - self.window[0][0] + stats.seconds, 1e-9)
+            prefill = sum(p for _, p, _ in self.window) / span
+            decode = sum(d for _, _, d in self.window) / span
+            self.bar.set_postfix_str(f"prefill {prefill:,.0f} tok/s, decode {decode:,.0f} tok/s")
             self.last_refresh = now
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from speedx.engine.sampling_params import SamplingParams
 from speedx.engine.scheduler import Scheduler
 from speedx.engine.sequence import Request, Sequence, SequenceStatus
 from speedx.engine.sampler import _splitmix64
+from speedx.engine.structured_output import StructuredOutputs
 
 logger = logging.getLogger("speedx")
 
@@ -40,6 +42,8 @@ class LLMEngine:
         self.scheduler = Scheduler(pool, max_num_seqs, max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._num_added = 0
+        self._structured: StructuredOutputs | None = None  # built on the first json_schema request
+        self._compiling: list[Request] = []  # json_schema requests whose sequence has no matcher yet
 
     # ------------------------------------------------------------------ requests
 
@@ -58,12 +62,27 @@ class LLMEngine:
                 f"request {request_id}: the prompt has {len(token_ids)} tokens but max_model_len is "
                 f"{self.max_model_len} (model length and KV budget); shorten it to at most {self.max_model_len - 1}"
             )
+        grammar = None
+        if params.json_schema_text is not None:
+            try:
+                grammar = self.structured_outputs.grammar(params.json_schema_text)
+            except ValueError as exc:
+                raise ValueError(f"request {request_id}: {exc}") from None
         seed = params.seed if params.seed is not None else _splitmix64(self.seed ^ _splitmix64(self._num_added))
         self._num_added += 1
-        request = Request(request_id, text, token_ids, params, seed, self.eos_token_ids)
+        request = Request(request_id, text, token_ids, params, seed, self.eos_token_ids, grammar=grammar)
         request.sequences.append(Sequence(request, list(token_ids)))
         self.requests[request_id] = request
         self.scheduler.add(request.sequences[0])
+        if grammar is not None:
+            self._compiling.append(request)
+
+    @property
+    def structured_outputs(self) -> StructuredOutputs:
+        if self._structured is None:
+            self._structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            self.runner.grammar_mask = self._structured.mask
+        return self._structured
 
     def abort_all(self) -> None:
         """Drop every unfinished request and release its KV blocks."""
@@ -74,6 +93,7 @@ class LLMEngine:
         self.scheduler.waiting.clear()
         self.scheduler.running.clear()
         self.requests.clear()
+        self._compiling.clear()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -82,14 +102,17 @@ class LLMEngine:
 
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         start = time.perf_counter()
+        finished = self._take_compiled_grammars() if self._compiling else []
         batch = self.scheduler.schedule()
         stats = StepStats(num_preempted=batch.num_preempted)
         if not batch.sequences:
-            if self.scheduler.has_work():
+            if self._compiling:  # all that is left waits on a grammar: block until one is compiled
+                wait([r.grammar for r in self._compiling], return_when=FIRST_COMPLETED)
+            elif self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress; the KV cache is too small for a single sequence")
-            return [], stats
+            stats.seconds = time.perf_counter() - start
+            return finished, stats
         sampled = self.runner.run(batch)
-        finished: list[RequestOutput] = []
         for seq, count, tokens in zip(batch.sequences, batch.num_new_tokens, sampled):
             if count == 1 and seq.num_computed_tokens == seq.num_tokens - 1:
                 stats.num_decode_tokens += 1
@@ -104,6 +127,8 @@ class LLMEngine:
                 self.pool.fork(seq.seq_id, child.seq_id)
                 seq.request.sequences.append(child)
                 self.scheduler.add_running(child)
+                if seq.matcher is not None:  # fresh: fork time is before the parent accepts its first token
+                    child.matcher = self.structured_outputs.matcher(seq.request.grammar.result())
                 self._append_token(child, token)
             self._append_token(seq, tokens[0])
             request = seq.request
@@ -119,13 +144,41 @@ class LLMEngine:
             self.pool.register_blocks(seq.seq_id, seq.token_ids[seq.num_registered_blocks * bs : full * bs])
             seq.num_registered_blocks = full
 
+    def _take_compiled_grammars(self) -> list[RequestOutput]:
+        """Give each request whose grammar is compiled its matcher; fail those whose compile failed."""
+        failed, pending = [], []
+        for request in self._compiling:
+            if not request.grammar.done():
+                pending.append(request)
+                continue
+            seq = request.sequences[0]
+            try:
+                seq.matcher = self.structured_outputs.matcher(request.grammar.result())
+            except Exception as exc:
+                logger.warning("request %s: the JSON schema could not be compiled: %s", request.request_id, exc)
+                request.error = f"request {request.request_id}: the JSON schema could not be compiled: {exc}"
+                self.scheduler.waiting.remove(seq)  # never admitted: it holds no KV blocks
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
+                failed.append(self._finish_request(request))
+        self._compiling = pending
+        return failed
+
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
-        reason = self._stop_reason(seq, token)
+        reason = self._grammar_stop(seq, token) if seq.matcher is not None else None
+        reason = reason or self._stop_reason(seq, token)
         if reason is not None:
             seq.finish_reason, seq.stop_reason = reason
             seq.status = SequenceStatus.FINISHED
             self.scheduler.finish(seq)
+
+    def _grammar_stop(self, seq: Sequence, token: int) -> tuple[str, None] | None:
+        if not seq.matcher.accept_token(token):  # the mask left no valid token (an unsatisfiable schema)
+            seq.request.error = f"request {seq.request.request_id}: no token can continue JSON that fits the schema"
+            return "error", None
+        if self.structured_outputs.json_complete(seq.matcher):
+            return "stop", None
+        return None
 
     def _stop_reason(self, seq: Sequence, token: int) -> tuple[str, str | int | None] | None:
         p = seq.params
@@ -146,7 +199,10 @@ class LLMEngine:
         return None
 
     def _decode(self, seq: Sequence) -> str:
-        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        ids = seq.output_token_ids
+        if seq.matcher is not None and ids and ids[-1] in seq.request.eos_token_ids:
+            ids = ids[:-1]  # the EOS that ended constrained JSON is no part of its text
+        return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
 
     def _finish_request(self, request: Request) -> RequestOutput:
         del self.requests[request.request_id]
@@ -155,7 +211,8 @@ class LLMEngine:
             text = seq.output_text if isinstance(seq.stop_reason, str) else self._decode(seq)
             outputs.append(CompletionOutput(seq.sample_index, text, seq.output_token_ids, seq.finish_reason, seq.stop_reason))
         return RequestOutput(
-            request.request_id, request.prompt, request.prompt_token_ids, outputs, num_cached_tokens=request.num_cached_tokens
+            request.request_id, request.prompt, request.prompt_token_ids, outputs,
+            num_cached_tokens=request.num_cached_tokens, error=request.error,
         )
 
 

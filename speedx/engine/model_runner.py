@@ -9,6 +9,7 @@ from speedx._C import BlockPool
 from speedx.engine.sampler import counter_uniform, sample_tokens
 from speedx.engine.scheduler import ScheduledBatch
 from speedx.engine.sequence import Sequence
+from speedx.engine.structured_output import GrammarMask
 from speedx.models.attention import AttentionMetadata
 from speedx.models.llama import LlamaForCausalLM
 
@@ -25,6 +26,7 @@ class ModelRunner:
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]
+        self.grammar_mask: GrammarMask | None = None  # the engine sets it on the first json_schema request
 
     @staticmethod
     def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
@@ -96,6 +98,9 @@ class ModelRunner:
             if seq.num_output_tokens < p.min_tokens:  # too early to stop: hide EOS and stop ids
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else seq.request.eos_token_ids)
                 logits[r, banned] = float("-inf")
+        # JSON-schema rows: only tokens their grammar allows next (EOS only once the JSON may end).
+        if self.grammar_mask is not None:
+            self.grammar_mask.apply(logits, [seq.matcher for seq, _ in rows])
 
         def column(values, dtype):
             return torch.tensor(values, dtype=dtype, device=self.device)

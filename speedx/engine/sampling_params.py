@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 
@@ -20,7 +21,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    json_schema: dict | str | None = None  # constrain the output to JSON matching this schema
     stop_strings: list[str] = field(init=False, repr=False)
+    json_schema_text: str | None = field(init=False, repr=False)  # compact JSON text; the grammar cache key
 
     def __post_init__(self) -> None:
         def fail(message: str) -> None:
@@ -47,6 +50,21 @@ class SamplingParams:
             fail(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         self.stop_strings = stops
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.json_schema_text = None
+        if self.json_schema is not None:
+            schema = self.json_schema
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as exc:
+                    fail(f"json_schema is not valid JSON: {exc}")
+            if not isinstance(schema, dict):
+                fail(f"json_schema must be a JSON Schema object (a dict or its JSON text), got {self.json_schema!r}")
+            try:
+                # Key order is kept, not sorted: property order decides the order of keys in the output.
+                self.json_schema_text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                fail(f"json_schema must hold only JSON values: {exc}")
 
     @property
     def greedy(self) -> bool:

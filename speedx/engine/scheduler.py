@@ -74,6 +74,9 @@ class Scheduler:
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.grammar_pending:  # its JSON grammar is still compiling: let the others pass
+                deferred.append(self.waiting.popleft())
+                continue
             first_block = tuple(seq.token_ids[:block_size]) if seq.num_tokens > block_size else None
             if first_block is not None and first_block in first_blocks_in_flight:
                 deferred.append(self.waiting.popleft())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -28,6 +29,8 @@ class Request:
     eos_token_ids: list[int]
     sequences: list["Sequence"] = field(default_factory=list)
     num_cached_tokens: int = 0
+    grammar: Future | None = None  # the compiled JSON-schema grammar (compiled in the background)
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -46,6 +49,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     output_text: str = ""
+    matcher: object | None = None  # xgrammar GrammarMatcher of a json_schema request; survives preemption
 
     @property
     def num_tokens(self) -> int:
@@ -70,6 +74,11 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def grammar_pending(self) -> bool:
+        """Constrained, but its grammar is still compiling: it cannot be scheduled yet."""
+        return self.request.grammar is not None and self.matcher is None
 
     @property
     def pending_forks(self) -> int:

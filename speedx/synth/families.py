@@ -32,7 +32,7 @@ class TrainingRecord:
 class Family:
     name: str
     summary: str  # what one example is, used in the generation prompt
-    fields: tuple[tuple[str, str], ...]  # (JSON key, one-line meaning)
+    fields: tuple[tuple[str, str, int], ...]  # (JSON key, one-line meaning, max characters)
     knobs: tuple[Knob, ...]
     guidelines: tuple[str, ...]  # always shown; {knob} placeholders are filled, bullets whose knob is absent drop out
     optional_guidelines: tuple[str, ...]  # each shown with probability 0.5
@@ -45,12 +45,16 @@ class Family:
 
     @property
     def keys(self) -> list[str]:
-        return [key for key, _ in self.fields]
+        return [key for key, _, _ in self.fields]
 
-    def json_schema(self) -> dict:
+    def json_schema(self, capped: bool = False) -> dict:
+        # capped adds maxLength per field so a weak model always closes its JSON; off by default
+        # because xgrammar fills length-limited string masks ~10x slower (see the structured
+        # output notes in the README).
+        limit = (lambda cap: {"maxLength": cap}) if capped else (lambda cap: {})
         return {
             "type": "object",
-            "properties": {key: {"type": "string"} for key in self.keys},
+            "properties": {key: {"type": "string", **limit(cap)} for key, _, cap in self.fields},
             "required": self.keys,
             "additionalProperties": False,
         }
@@ -82,9 +86,9 @@ FAMILIES: dict[str, Family] = {
             summary="a retrieval example: a short search query, a long document that answers it, and a long "
             "document that only seems to",
             fields=(
-                ("user_query", "what a user types to find information for the task"),
-                ("positive_document", "a passage that really satisfies the query"),
-                ("hard_negative_document", "a passage on a nearby subject that does not satisfy the query"),
+                ("user_query", "what a user types to find information for the task", 400),
+                ("positive_document", "a passage that really satisfies the query", 6000),
+                ("hard_negative_document", "a passage on a nearby subject that does not satisfy the query", 6000),
             ),
             knobs=(
                 Knob("query_type", (("extremely long-tail", 0.4), ("long-tail", 0.5), ("common", 0.1))),
@@ -120,9 +124,9 @@ FAMILIES: dict[str, Family] = {
             name="classification",
             summary="a classification example: an input text, its correct label, and a plausible wrong label",
             fields=(
-                ("input_text", "a text to be classified for the task"),
-                ("label", "the correct label for input_text"),
-                ("misleading_label", "a valid label for the task that fits input_text less well"),
+                ("input_text", "a text to be classified for the task", 4000),
+                ("label", "the correct label for input_text", 120),
+                ("misleading_label", "a valid label for the task that fits input_text less well", 120),
             ),
             knobs=(
                 Knob("num_words", (("fewer than 10", 0.1), ("at least 10", 0.3), ("at least 50", 0.2),
@@ -155,9 +159,9 @@ FAMILIES: dict[str, Family] = {
             name="sts",
             summary="a semantic textual similarity example: three texts with graded similarity to the first",
             fields=(
-                ("S1", "a text about the subject"),
-                ("S2", "a text very similar in meaning to S1"),
-                ("S3", "a text related to S1 but clearly less similar than S2"),
+                ("S1", "a text about the subject", 1500),
+                ("S2", "a text very similar in meaning to S1", 1500),
+                ("S3", "a text related to S1 but clearly less similar than S2", 1500),
             ),
             knobs=(
                 Knob("unit", (("sentence", 0.9), ("phrase", 0.05), ("passage", 0.05))),
@@ -184,8 +188,8 @@ FAMILIES: dict[str, Family] = {
             name="short_short",
             summary="a short-to-short matching example: a short input and a short text that matches it",
             fields=(
-                ("input", "a sentence or phrase for the task"),
-                ("positive_document", "a sentence or phrase that correctly matches input"),
+                ("input", "a sentence or phrase for the task", 400),
+                ("positive_document", "a sentence or phrase that correctly matches input", 400),
             ),
             knobs=(CLARITY,),
             guidelines=(
@@ -204,8 +208,8 @@ FAMILIES: dict[str, Family] = {
             name="long_long",
             summary="a long-to-long matching example: a long input and a long text that matches it",
             fields=(
-                ("input", "a long text for the task"),
-                ("positive_document", "a long text that correctly matches input"),
+                ("input", "a long text for the task", 8000),
+                ("positive_document", "a long text that correctly matches input", 8000),
             ),
             knobs=(Knob("num_words", (("300", 1.0), ("400", 1.0), ("500", 1.0))),),
             guidelines=(
@@ -223,9 +227,9 @@ FAMILIES: dict[str, Family] = {
             name="bitext",
             summary="a bitext example: a text, its translation, and a related but less faithful translation",
             fields=(
-                ("S1", "a text in the source language"),
-                ("S2", "a text in the target language that translates S1 closely"),
-                ("S3", "a text in the target language that is related to S1 but not a faithful translation"),
+                ("S1", "a text in the source language", 1500),
+                ("S2", "a text in the target language that translates S1 closely", 1500),
+                ("S3", "a text in the target language that is related to S1 but not a faithful translation", 1500),
             ),
             knobs=(
                 Knob("source_language", (("English", 1.0),)),

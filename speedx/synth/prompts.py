@@ -25,7 +25,7 @@ def guideline_bullets(family: Family, knobs: dict[str, str], rng: random.Random)
 
 
 def generation_messages(family: Family, task: str, knobs: dict[str, str], rng: random.Random) -> list[dict]:
-    keys = "\n".join(f'- "{key}": {meaning}' for key, meaning in family.fields)
+    keys = "\n".join(f'- "{key}": {meaning}' for key, meaning, _ in family.fields)
     bullets = "\n".join(f"- {b}" for b in guideline_bullets(family, knobs, rng))
     content = (
         f"You write training data for text embedding models. Create {family.summary}.\n\n"
