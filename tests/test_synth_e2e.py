@@ -111,3 +111,24 @@ def test_default_command_small(tmp_path, monkeypatch):
     for record in read(out / "examples.jsonl"):
         assert record["family"] in ("classification", "sts", "retrieval", "short_short", "long_long")
     assert (out / "sentence-transformers" / "triplets.jsonl").exists()
+
+
+def test_rejected_schema_exits_2_before_writing(tmp_path, tasks_file, monkeypatch, capsys):
+    from speedx.synth.families import FAMILIES
+
+    family = FAMILIES["sts"]
+    monkeypatch.setattr(type(family), "json_schema", lambda self, capped=False: {"type": "no-such-type"})
+    out = tmp_path / "run"
+    assert generate_main(["--tasks", str(tasks_file), "--out", str(out), *COMMON]) == 2
+    assert "grammar compiler rejected the sts schema" in capsys.readouterr().err
+    assert not any(p.name != ".write-test" for p in out.iterdir())
+
+
+def test_revisor_pass(tmp_path, tasks_file):
+    out = tmp_path / "run"
+    assert generate_main(["--tasks", str(tasks_file), "--num-examples", "2", "--out", str(out), *COMMON,
+                          "--revisor", "default"]) == 0
+    examples = check_run(out, 2)
+    assert all("revisor_output_tokens" in r for r in examples)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokens"]["revisor_output_tokens"] > 0

@@ -55,6 +55,19 @@ def load_or_make_tasks(args, checked, llm) -> tuple[list[Task], dict]:
     return tasks, stats
 
 
+def compile_schemas(llm, families) -> None:
+    """Compile every schema of the run up front, so a rejected one stops the run before any file is written."""
+    from speedx import SamplingParams
+    from speedx.synth.prompts import brainstorm_schema
+
+    schemas = {"brainstorm": brainstorm_schema()} | {f.name: f.json_schema() for f in families}
+    for name, schema in schemas.items():
+        try:
+            llm.engine.structured_outputs.grammar(SamplingParams(json_schema=schema).json_schema_text).result()
+        except Exception as exc:  # xgrammar raises assorted types; the run must stop with exit code 2
+            raise ValueError(f"the grammar compiler rejected the {name} schema: {exc}") from exc
+
+
 def run_generate(args, checked) -> int:
     import torch
 
@@ -66,6 +79,8 @@ def run_generate(args, checked) -> int:
     previous = __import__("json").loads(manifest_path.read_text()) if manifest_path.exists() else {}
     llm = LLM(args.model, dtype=args.dtype, seed=args.seed, kv_cache_memory=args.kv_cache_memory,
               max_num_seqs=args.max_num_seqs)
+    if args.json_mode == "constrained":
+        compile_schemas(llm, checked["families"])
     start = time.perf_counter()
     tasks, task_stats = load_or_make_tasks(args, checked, llm)
     revisor = None
