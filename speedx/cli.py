@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"demo": "speedx.demo"}
+COMMANDS = {"generate": "speedx.generate", "demo": "speedx.demo"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: speedx <command> [args]\n\ncommands:\n" + "\n".join(f"  {name}" for name in COMMANDS))
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    sys.exit(importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]))
 
 
 if __name__ == "__main__":
