@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include "block_pool.h"
+#include "cpu_attention.h"
 
 namespace py = pybind11;
 using speedx::BlockPool;
@@ -152,4 +153,36 @@ PYBIND11_MODULE(_C, m) {
                                  static_cast<int64_t*>(out.mutable_data()), out.shape(0));
           },
           py::arg("seq_ids"), py::arg("starts"), py::arg("ends"), py::arg("out"));
+
+  // Decode attention over a paged KV cache; tensors come as data_ptr() ints (see cpu_attention.h).
+  m.def(
+      "paged_decode_attention",
+      [](uintptr_t out, uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, const py::array& block_tables,
+         const py::array& kv_lens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+         int64_t block_size, int64_t num_blocks, float scale, const std::string& dtype, int num_threads,
+         const std::string& isa) {
+        check_array<int32_t>(block_tables, "block_tables", 2, false);
+        check_array<int32_t>(kv_lens, "kv_lens", 1, false);
+        if (kv_lens.shape(0) != block_tables.shape(0))
+          throw py::value_error("kv_lens must have one entry per block_tables row");
+        const speedx::PagedDecodeArgs args{
+            reinterpret_cast<void*>(out), reinterpret_cast<const void*>(q),
+            reinterpret_cast<const void*>(k_cache), reinterpret_cast<const void*>(v_cache),
+            static_cast<const int32_t*>(block_tables.data()), static_cast<const int32_t*>(kv_lens.data()),
+            block_tables.shape(0), block_tables.shape(1), num_blocks, num_heads, num_kv_heads, head_dim,
+            block_size, scale, speedx::parse_attn_dtype(dtype), num_threads, speedx::parse_cpu_isa(isa)};
+        py::gil_scoped_release nogil;
+        speedx::paged_decode_attention(args);
+      },
+      py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+      py::arg("kv_lens"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
+      py::arg("block_size"), py::arg("num_blocks"), py::arg("scale"), py::arg("dtype"),
+      py::arg("num_threads"), py::kw_only(), py::arg("_debug_isa") = "auto",
+      "Decode attention (one query token per sequence) over a paged KV cache, on CPU, GIL released.\n"
+      "out/q/k_cache/v_cache: data_ptr() of C-contiguous tensors of `dtype` ('bfloat16', 'float16',\n"
+      "'float32'); q and out [batch, num_heads, head_dim], caches [num_blocks, block_size,\n"
+      "num_kv_heads, head_dim]; block_tables int32 [batch, max_blocks], kv_lens int32 [batch].\n"
+      "_debug_isa forces a narrower SIMD path ('avx2', 'baseline') for tests.");
+  m.def("cpu_attention_isa", [] { return speedx::cpu_isa_name(speedx::best_cpu_isa()); },
+        "SIMD path paged_decode_attention uses on this CPU: 'avx512', 'avx2' or 'baseline'.");
 }

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from speedx.kernels import paged_attention_torch, store_kvcache_torch
+from speedx.kernels import paged_attention_cpu, paged_attention_torch, store_kvcache_torch
 from speedx.models.layers import RotaryEmbedding
 
 
@@ -43,7 +43,6 @@ class PagedAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         store_kvcache_torch(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = paged_attention_torch(
-            q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, self.scale
-        )
+        attend = paged_attention_cpu if q.device.type == "cpu" else paged_attention_torch
+        out = attend(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, self.scale)
         return self.o_proj(out.flatten(1))

@@ -1,0 +1,403 @@
+// Paged decode attention on CPU. Each (sequence, KV head) pair reads its cached K/V rows straight
+// from the block pool (no gather copy), W tokens at a time (W = floats per SIMD register):
+//   1. convert W K rows to an fp32 tile; scores for the G = num_heads / num_kv_heads query heads
+//      that share the KV head (the tile is converted once and used G times);
+//   2. softmax per head over the whole sequence (scores stay in a small per-thread buffer);
+//   3. convert W V rows to an fp32 tile; accumulate p * v per head; scale by 1 / sum and round.
+// SIMD is written once with GCC vector extensions, templated on W, and compiled for AVX-512
+// (W = 16), AVX2 + FMA (W = 8) and baseline SSE2 (W = 4) through per-function target
+// attributes; the widest the CPU supports is picked at run time, so the wheel runs on any x86-64.
+#include "cpu_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors are passed by value only inside inlined code
+#if __GNUC__ >= 12 && defined(__x86_64__)  // (older GCCs lack target("arch=x86-64-v4"))
+#define SPEEDX_X86_ISAS 1
+#endif
+#endif
+#define SPEEDX_INLINE inline __attribute__((always_inline))
+
+namespace speedx {
+namespace {
+
+// Explicit alignment: otherwise a 64-byte vector declared outside AVX-512 code gets 16, while
+// the AVX-512 code that uses it assumes 64.
+template <int W> struct Vec {
+  typedef float f __attribute__((vector_size(W * 4), aligned(W * 4)));
+  typedef int32_t i __attribute__((vector_size(W * 4), aligned(W * 4)));
+  typedef uint32_t u __attribute__((vector_size(W * 4), aligned(W * 4)));
+};
+
+struct bf16 { uint16_t bits; };
+struct f16 { uint16_t bits; };
+
+SPEEDX_INLINE float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+SPEEDX_INLINE uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// Scalar conversions, branch-free (selects only) so that loops over them vectorise.
+SPEEDX_INLINE float to_f32(float x) { return x; }
+SPEEDX_INLINE float to_f32(bf16 x) { return as_float(uint32_t(x.bits) << 16); }
+// Subnormals go through an exact int -> float convert rather than denormal float arithmetic,
+// which flush-to-zero / denormals-are-zero modes would break.
+SPEEDX_INLINE float to_f32(f16 x) {
+  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16, em = x.bits & 0x7fffu;
+  const uint32_t normal = ((em << 13) + (112u << 23)) | (em >= 0x7c00u ? 0x7f800000u : 0u);  // inf/nan
+  // A mask, not ?:, so GCC cannot sink the float op into a branch (it won't if-convert those).
+  const uint32_t sub = as_bits(float(int32_t(em)) * 0x1p-24f), is_sub = 0u - uint32_t(em < 0x400u);
+  return as_float((sub & is_sub) | (normal & ~is_sub) | sign);
+}
+
+// Round to nearest even.
+SPEEDX_INLINE void from_f32(float f, float* out) { *out = f; }
+SPEEDX_INLINE void from_f32(float f, bf16* out) {
+  const uint32_t u = as_bits(f), r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  out->bits = uint16_t((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r);  // nan stays nan
+}
+SPEEDX_INLINE void from_f32(float f, f16* out) {  // after F. Giesen's float_to_half_fast3_rtne
+  const uint32_t u = as_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;  // rebias 127 -> 15, round
+  const uint32_t sub = as_bits(as_float(a) + 0.5f) - 0x3f000000u;       // half ulp 2^-24 -> bit 0
+  const uint32_t is_sub = 0u - uint32_t(a < 0x38800000u);               // mask: see to_f32(f16)
+  uint32_t r = (sub & is_sub) | (normal & ~is_sub);
+  r = a >= 0x477ff000u ? 0x7c00u : r;  // >= 65520 rounds to inf
+  r = a > 0x7f800000u ? 0x7e00u : r;   // nan
+  out->bits = uint16_t(sign | r);
+}
+
+// Rows are converted to fp32 in a layout private to this file: bf16 rows go in groups of 2W
+// elements, even elements first, then odd ones, so a load, a shift and an and convert 2W values
+// (no shuffles). Dot products do not care about the order as long as q and k share it, and
+// store_row undoes it for the output. Other dtypes keep the natural order.
+template <int W, typename T>
+SPEEDX_INLINE void load_row(float* __restrict dst, const T* __restrict src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(src[i]);
+}
+template <int W>
+SPEEDX_INLINE void load_row(float* __restrict dst, const bf16* __restrict src, int64_t n) {
+  using F = typename Vec<W>::f;
+  using U = typename Vec<W>::u;
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {  // dst + i is aligned: rows are whole vectors
+    U x;
+    std::memcpy(&x, src + i, sizeof x);
+    *reinterpret_cast<F*>(dst + i) = (F)(x << 16);
+    *reinterpret_cast<F*>(dst + i + W) = (F)(x & 0xffff0000u);
+  }
+  for (; i < n; ++i) dst[i] = to_f32(src[i]);
+}
+
+template <int W, typename T>
+SPEEDX_INLINE void store_row(T* __restrict dst, const float* __restrict src, float mul, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) from_f32(src[i] * mul, dst + i);
+}
+template <int W>
+SPEEDX_INLINE void store_row(bf16* __restrict dst, const float* __restrict src, float mul, int64_t n) {
+  using F = typename Vec<W>::f;
+  using U = typename Vec<W>::u;
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {  // from_f32(float, bf16*) on vectors, re-interleaved
+    const U e = (U)(*reinterpret_cast<const F*>(src + i) * mul);
+    const U o = (U)(*reinterpret_cast<const F*>(src + i + W) * mul);
+    const U re = (e & 0x7fffffffu) > 0x7f800000u ? (e >> 16) | 0x40u : (e + 0x7fffu + ((e >> 16) & 1u)) >> 16;
+    const U ro = (o & 0x7fffffffu) > 0x7f800000u ? o | 0x400000u : o + 0x7fffu + ((o >> 16) & 1u);
+    const U x = re | (ro & 0xffff0000u);
+    std::memcpy(dst + i, &x, sizeof x);
+  }
+  for (; i < n; ++i) from_f32(src[i] * mul, dst + i);
+}
+
+// exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); exactly 0 below -87 so that padding
+// scores (-inf) get zero weight.
+template <typename F>
+SPEEDX_INLINE F exp_nonpos(const F& x) {
+  using I = decltype(x < x);  // the matching int vector
+  const F lo = F{} - 87.0f;
+  const F xc = x < lo ? lo : x;
+  const F n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
+  const F r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;           // x - n ln2, in two parts
+  F p = F{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const F y = p * r * r + r + 1.0f;
+  const I e = (__builtin_convertvector(n, I) + 127) << 23;  // 2^n, n in [-126, 0]
+  return x < lo ? F{} : y * (F)e;
+}
+
+// One level of the lane-sum tree: lanes [0, W/2) of the result hold h-lane partial sums of x,
+// lanes [W/2, W) those of y (h = W/2 at the first level, halving down to 1).
+constexpr int tree_lane(int W, int h, int i, bool upper) {
+  const int j = i % (W / 2);
+  return (i < W / 2 ? 0 : W) + j / h * 2 * h + (upper ? h : 0) + j % h;
+}
+// Lane i of the result <- lane I_i of the concatenation x:y.
+template <int W, typename F, int... I>
+SPEEDX_INLINE F shuffle(const F& x, const F& y, std::integer_sequence<int, I...>) {
+#ifdef __clang__
+  return __builtin_shufflevector(x, y, I...);
+#else
+  return __builtin_shuffle(x, y, typename Vec<W>::i{I...});
+#endif
+}
+template <int W, int H, typename F, int... I>
+SPEEDX_INLINE F tree_step(const F& x, const F& y, std::integer_sequence<int, I...>) {
+  return shuffle<W>(x, y, std::integer_sequence<int, tree_lane(W, H, I, false)...>{}) +
+         shuffle<W>(x, y, std::integer_sequence<int, tree_lane(W, H, I, true)...>{});
+}
+template <int W, int K, typename F, int... I>
+SPEEDX_INLINE F rotate_lanes(const F& v, std::integer_sequence<int, I...>) {  // lane i <- lane i + K
+  return shuffle<W>(v, v, std::integer_sequence<int, (I + K) % W...>{});
+}
+// Lane t of the result = sum of the lanes of a[t] (a[] is clobbered): W - 1 adds and 2(W - 1)
+// shuffles for W tokens, instead of a horizontal reduction per dot product.
+template <int W, int H = W / 2, typename F>
+SPEEDX_INLINE F lane_sums(F* a) {
+  for (int k = 0; k < H; ++k)  // 2H vectors in, H out
+    a[k] = tree_step<W, H>(a[2 * k], a[2 * k + 1], std::make_integer_sequence<int, W>{});
+  if constexpr (H == 1) return a[0];
+  else return lane_sums<W, H / 2>(a);
+}
+
+// Sum (or max) of the W lanes of v, by halving: log2(W) shuffles instead of a W-long chain.
+template <int W, bool Max, int K = W / 2, typename F>
+SPEEDX_INLINE float lane_reduce(const F& v) {
+  const F u = rotate_lanes<W, K>(v, std::make_integer_sequence<int, W>{});
+  const F r = Max ? (v > u ? v : u) : v + u;
+  if constexpr (K == 1) return r[0];
+  else return lane_reduce<W, Max, K / 2>(r);
+}
+
+// Per-thread scratch in floats; head_dim padded to Dp = Dv * W, kv_len to Lp (both zero-padded).
+struct Scratch {
+  float* q;    // [G][Dp]  q * scale
+  float* acc;  // [G][Dp]  sum p * v
+  float* tile; // [W][Dp]  W K or V rows in fp32
+  float* s;    // [G][Lp]  scores, then unnormalised probabilities
+  float* inv;  // [G]      1 / softmax denominator
+};
+
+// Tile <- cache rows t0 .. t0+n-1 of one sequence / KV head (n <= W) in fp32; zero rows pad a
+// short last tile. (An inline function, not a lambda: a lambda body would be compiled for the
+// baseline ISA, outside the target attribute.)
+template <int W, typename T>
+SPEEDX_INLINE void fill_tile(float* tile, const T* cache, const int32_t* table, int64_t bs,
+                             int64_t row_stride, int64_t D, int64_t Dp, int64_t t0, int64_t n) {
+  int64_t blk = t0 / bs, row = t0 % bs;
+  for (int64_t r = 0; r < n; ++r) {
+    load_row<W>(tile + r * Dp, cache + (int64_t(table[blk]) * bs + row) * row_stride, D);
+    if (++row == bs) row = 0, ++blk;
+  }
+  std::fill(tile + n * Dp, tile + W * Dp, 0.0f);
+}
+
+// DF: head_dim fixed at compile time (0: read it from a), so the common sizes get fully unrolled
+// row loops.
+template <typename T, int DF, int W>
+SPEEDX_INLINE void attend(const PagedDecodeArgs& a, int64_t b, int64_t g, const Scratch& w) {
+  using F = typename Vec<W>::f;
+  const int64_t G = a.num_heads / a.num_kv_heads, D = DF ? DF : a.head_dim, Dv = (D + W - 1) / W;
+  const int64_t Dp = Dv * W, bs = a.block_size, L = a.kv_lens[b], Lv = (L + W - 1) / W;
+  const int64_t row_stride = a.num_kv_heads * D;  // elements between consecutive cache rows
+  const int32_t* table = a.block_tables + b * a.max_blocks;
+  const T* k_cache = static_cast<const T*>(a.k_cache) + g * D;
+  const T* v_cache = static_cast<const T*>(a.v_cache) + g * D;
+  const F* tile = reinterpret_cast<const F*>(w.tile);
+  F* s = reinterpret_cast<F*>(w.s);
+  F* q = reinterpret_cast<F*>(w.q);
+  F* acc = reinterpret_cast<F*>(w.acc);
+
+  const T* q_in = static_cast<const T*>(a.q) + (b * a.num_heads + g * G) * D;
+  for (int64_t h = 0; h < G; ++h) {  // padding lanes stay zero from allocation
+    load_row<W>(w.q + h * Dp, q_in + h * D, D);
+    for (int64_t c = 0; c < Dv; ++c) q[h * Dv + c] *= a.scale;
+  }
+
+  // 1. scores
+  for (int64_t t0 = 0, j = 0; t0 < L; t0 += W, ++j) {
+    fill_tile<W>(w.tile, k_cache, table, bs, row_stride, D, Dp, t0, std::min<int64_t>(W, L - t0));
+    for (int64_t h = 0; h < G; ++h) {
+      F part[W] = {};  // per-token partial dot products, kept in registers
+      for (int64_t c = 0; c < Dv; ++c) {
+        const F qc = q[h * Dv + c];
+        for (int r = 0; r < W; ++r) part[r] += qc * tile[r * Dv + c];
+      }
+      s[h * Lv + j] = lane_sums<W>(part);
+    }
+  }
+
+  // 2. softmax; tokens past L get -inf, i.e. probability 0
+  for (int64_t h = 0; h < G; ++h) {
+    std::fill(w.s + h * Lv * W + L, w.s + (h + 1) * Lv * W, -INFINITY);
+    F m = s[h * Lv];
+    for (int64_t j = 1; j < Lv; ++j) m = m > s[h * Lv + j] ? m : s[h * Lv + j];
+    const float mx = lane_reduce<W, true>(m);
+    F sum{};
+    for (int64_t j = 0; j < Lv; ++j) sum += s[h * Lv + j] = exp_nonpos(s[h * Lv + j] - mx);
+    w.inv[h] = 1.0f / lane_reduce<W, false>(sum);
+  }
+
+  // 3. out = sum p v / sum p
+  std::fill(acc, acc + G * Dv, F{});
+  for (int64_t t0 = 0, j = 0; t0 < L; t0 += W, ++j) {
+    fill_tile<W>(w.tile, v_cache, table, bs, row_stride, D, Dp, t0, std::min<int64_t>(W, L - t0));
+    for (int64_t h = 0; h < G; ++h) {
+      const F p = s[h * Lv + j];
+      for (int64_t c = 0; c < Dv; ++c) {
+        F part[4] = {acc[h * Dv + c]};  // 4 chains hide the FMA latency
+        for (int r = 0; r < W; ++r) part[r % 4] += p[r] * tile[r * Dv + c];
+        acc[h * Dv + c] = (part[0] + part[1]) + (part[2] + part[3]);
+      }
+    }
+  }
+  T* out = static_cast<T*>(a.out) + (b * a.num_heads + g * G) * D;
+  for (int64_t h = 0; h < G; ++h) store_row<W>(out + h * D, w.acc + h * Dp, w.inv[h], D);
+}
+
+// Entry points: one per ISA level, dtype and head_dim. The OpenMP region stays outside them:
+// GCC outlines a parallel region into a separate function that would not inherit the target.
+using AttendFn = void (*)(const PagedDecodeArgs&, int64_t, int64_t, const Scratch&);
+struct Kernel { AttendFn fn; int width; };
+
+template <typename T, int DF>
+void attend_baseline(const PagedDecodeArgs& a, int64_t b, int64_t g, const Scratch& w) {
+  attend<T, DF, 4>(a, b, g, w);
+}
+#ifdef SPEEDX_X86_ISAS
+template <typename T, int DF>
+__attribute__((target("arch=x86-64-v3"))) void attend_avx2(const PagedDecodeArgs& a, int64_t b, int64_t g,
+                                                           const Scratch& w) {
+  attend<T, DF, 8>(a, b, g, w);
+}
+template <typename T, int DF>
+__attribute__((target("arch=x86-64-v4"))) void attend_avx512(const PagedDecodeArgs& a, int64_t b, int64_t g,
+                                                             const Scratch& w) {
+  attend<T, DF, 16>(a, b, g, w);
+}
+#endif
+
+template <typename T, int DF>
+Kernel pick_isa(CpuIsa isa) {
+#ifdef SPEEDX_X86_ISAS
+  if (isa == CpuIsa::kAvx512) return {attend_avx512<T, DF>, 16};
+  if (isa == CpuIsa::kAvx2) return {attend_avx2<T, DF>, 8};
+#endif
+  (void)isa;
+  return {attend_baseline<T, DF>, 4};
+}
+template <typename T>
+Kernel pick(int64_t head_dim, CpuIsa isa) {
+  return head_dim == 64 ? pick_isa<T, 64>(isa) : head_dim == 128 ? pick_isa<T, 128>(isa) : pick_isa<T, 0>(isa);
+}
+
+void fail(const std::string& msg) { throw std::invalid_argument("paged_decode_attention: " + msg); }
+
+}  // namespace
+
+CpuIsa best_cpu_isa() {
+#ifdef SPEEDX_X86_ISAS
+  if (__builtin_cpu_supports("x86-64-v4")) return CpuIsa::kAvx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return CpuIsa::kAvx2;
+#endif
+  return CpuIsa::kBaseline;
+}
+
+const char* cpu_isa_name(CpuIsa isa) {
+  return isa == CpuIsa::kAvx512 ? "avx512" : isa == CpuIsa::kAvx2 ? "avx2" : "baseline";
+}
+
+CpuIsa parse_cpu_isa(const std::string& name) {
+  if (name == "auto") return CpuIsa::kAuto;
+  for (CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    if (name != cpu_isa_name(isa)) continue;
+    if (int(isa) > int(best_cpu_isa())) fail("this CPU (or build) does not support isa '" + name + "'");
+    return isa;
+  }
+  fail("isa must be 'auto', 'avx512', 'avx2' or 'baseline', got '" + name + "'");
+  return CpuIsa::kAuto;  // unreachable
+}
+
+AttnDType parse_attn_dtype(const std::string& name) {
+  const std::string n = name.rfind("torch.", 0) == 0 ? name.substr(6) : name;
+  if (n == "float32" || n == "float" || n == "fp32") return AttnDType::kFloat32;
+  if (n == "float16" || n == "half" || n == "fp16") return AttnDType::kFloat16;
+  if (n == "bfloat16" || n == "bf16") return AttnDType::kBFloat16;
+  fail("dtype must be 'bfloat16', 'float16' or 'float32', got '" + name + "'");
+  return AttnDType::kFloat32;  // unreachable
+}
+
+void paged_decode_attention(const PagedDecodeArgs& a) {
+  if (a.num_heads < 1 || a.num_kv_heads < 1 || a.num_heads % a.num_kv_heads != 0)
+    fail("num_heads (" + std::to_string(a.num_heads) + ") must be a positive multiple of num_kv_heads (" +
+         std::to_string(a.num_kv_heads) + ")");
+  if (a.head_dim < 1) fail("head_dim must be >= 1");
+  if (a.block_size < 1) fail("block_size must be >= 1");
+  if (a.num_threads < 1) fail("num_threads must be >= 1");
+  if (a.batch < 0 || a.max_blocks < 0) fail("bad block_tables shape");
+  if (a.batch == 0) return;
+  if (!a.out || !a.q || !a.k_cache || !a.v_cache) fail("null data pointer");
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int64_t len = a.kv_lens[b], need = (len + a.block_size - 1) / a.block_size;
+    if (len < 1) fail("kv_lens[" + std::to_string(b) + "] = " + std::to_string(len) + ", must be >= 1");
+    if (need > a.max_blocks)
+      fail("kv_lens[" + std::to_string(b) + "] = " + std::to_string(len) + " needs " + std::to_string(need) +
+           " blocks but block_tables has " + std::to_string(a.max_blocks) + " columns");
+    for (int64_t j = 0; j < need; ++j) {
+      const int64_t id = a.block_tables[b * a.max_blocks + j];
+      if (id < 0 || id >= a.num_blocks)
+        fail("block_tables[" + std::to_string(b) + ", " + std::to_string(j) + "] = " + std::to_string(id) +
+             " is outside [0, num_blocks=" + std::to_string(a.num_blocks) + ")");
+    }
+    max_len = std::max(max_len, len);
+  }
+
+  const CpuIsa isa = a.isa == CpuIsa::kAuto ? best_cpu_isa() : a.isa;
+  const Kernel k = a.dtype == AttnDType::kFloat32   ? pick<float>(a.head_dim, isa)
+                   : a.dtype == AttnDType::kFloat16 ? pick<f16>(a.head_dim, isa)
+                                                    : pick<bf16>(a.head_dim, isa);
+  const int64_t W = k.width, G = a.num_heads / a.num_kv_heads, Dp = (a.head_dim + W - 1) / W * W;
+  const int64_t Lp = (max_len + W - 1) / W * W, pairs = a.batch * a.num_kv_heads;
+#ifdef _OPENMP
+  const int nt = int(std::min<int64_t>(a.num_threads, pairs));
+#else
+  const int nt = 1;
+#endif
+  // Floats, a multiple of W, so that every buffer below stays vector-aligned.
+  const int64_t per_thread = 2 * G * Dp + W * Dp + G * Lp + (G + 15) / 16 * 16;
+  // Zeroed (padding lanes must be 0, not NaN); 64-byte aligned by hand.
+  std::vector<float> buf(size_t(per_thread * nt + 16));
+  float* scratch = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+
+  [[maybe_unused]] const int64_t chunk = a.batch >= 4 * nt ? a.num_kv_heads : 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#ifdef _OPENMP
+    float* base = scratch + per_thread * omp_get_thread_num();
+#else
+    float* base = scratch;
+#endif
+    const Scratch w{base, base + G * Dp, base + 2 * G * Dp, base + 2 * G * Dp + W * Dp,
+                    base + 2 * G * Dp + W * Dp + G * Lp};
+    // Dynamic: sequences have different lengths. With enough sequences, hand out whole ones: the
+    // KV heads of a token share cache lines, so splitting a sequence over cores fetches them twice.
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < pairs; ++i) k.fn(a, i / a.num_kv_heads, i % a.num_kv_heads, w);
+  }
+}
+
+}  // namespace speedx
