@@ -10,17 +10,14 @@ which attempts are done.
 from __future__ import annotations
 
 import random
-import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from speedx.synth.dedup import Deduplicator
 from speedx.synth.families import Family
 from speedx.synth.prompts import generation_messages, revision_messages
-from speedx.synth.records import (
-    PlannedRequest, check_example, dedup_text, example_record, family_of, rejection_record,
-)
+from speedx.synth.records import PlannedRequest, check_example, dedup_text, example_record, rejection_record
 from speedx.synth.run_files import JsonlAppender, read_jsonl
 from speedx.synth.tasks import Task, hash_seed
 
@@ -67,6 +64,55 @@ class Planner:
         return PlannedRequest(slot, attempt, family, task.id, task.task, knobs, hash_seed(self.seed, slot, attempt, 1), messages)
 
 
+class _EngineQueue:
+    """Feeds one LLM's engine request by request and hands back (tag, output) as each finishes."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.engine = llm.engine
+        if self.engine.has_unfinished_requests():
+            raise RuntimeError("the engine is busy with another generate call")
+        self.capacity = 2 * self.engine.scheduler.max_num_seqs  # a queue deep enough to keep batches full
+        self.tags: dict[str, object] = {}
+        self.errors: list = []
+        self.submitted = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.tags or self.errors)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.tags) < self.capacity
+
+    def submit(self, messages: list, params, tag) -> None:
+        request_id = f"q{self.submitted}"
+        self.submitted += 1
+        try:
+            self.engine.add_request(request_id, self.llm.apply_chat_template(messages), params)
+        except ValueError as exc:  # e.g. a prompt longer than the model: this attempt fails alone
+            self.errors.append((tag, _error_output(request_id, str(exc))))
+            return
+        self.tags[request_id] = tag
+
+    def step(self):
+        finished, self.errors = self.errors, []
+        if self.tags:
+            outputs, _ = self.engine.step()
+            finished += [(self.tags.pop(out.request_id), out) for out in outputs]
+        return finished
+
+    def abort(self) -> None:
+        self.engine.abort_all()
+        self.tags.clear()
+
+
+def _error_output(request_id: str, message: str):
+    from speedx.engine.outputs import CompletionOutput, RequestOutput
+
+    return RequestOutput(request_id, None, [], [CompletionOutput(0, "", [], "error")], error=message)
+
+
 class SynthesisRun:
     def __init__(self, llm, planner: Planner, out: Path, slots: list[int], json_mode: str, params_factory,
                  max_attempts: int, model_name: str, revisor=None, progress=None):
@@ -81,61 +127,84 @@ class SynthesisRun:
         self.revisor = revisor
         self.progress = progress
         self.state = RunState.load(out)
+        self._in_revision: set[int] = set()  # slots whose valid example is with the revisor
         self.dedup = Deduplicator()
         for record in self.state.examples:  # resumed runs dedup against what is already written
             self.dedup.add(record["id"], dedup_text(record))
 
-    def pending(self) -> list[PlannedRequest]:
-        return [
-            self.planner.request(slot, self.state.attempts[slot])
-            for slot in self.slots
-            if slot not in self.state.filled and self.state.attempts[slot] < self.max_attempts
-        ]
+    def next_request(self, slot: int) -> PlannedRequest | None:
+        if slot in self.state.filled or self.state.attempts[slot] >= self.max_attempts:
+            return None
+        return self.planner.request(slot, self.state.attempts[slot])
 
     def run(self) -> None:
+        """Keep the engine full: a rejected attempt is replaced by the slot's next one at once,
+        so there are no rounds and no tail of half-empty batches waiting on the slowest request.
+        With a revisor, each valid example goes to it once before it is written."""
         examples = JsonlAppender(self.out / "examples.jsonl")
         rejected = JsonlAppender(self.out / "rejected.jsonl")
+        generator = _EngineQueue(self.llm)
+        reviser = None
+        if self.revisor:
+            reviser = generator if self.revisor[0] is self.llm else _EngineQueue(self.revisor[0])
+        queues = [generator] if reviser in (None, generator) else [generator, reviser]
+        todo = deque(r for r in map(self.next_request, self.slots) if r is not None)
         try:
-            while requests := self.pending():
-                self._round(requests, examples, rejected)
+            while todo or any(q.busy for q in queues):
+                while todo and generator.has_room:
+                    request = todo.popleft()
+                    generator.submit(request.messages, self._params(self.params_factory, request), ("generate", request))
+                for queue in queues:
+                    for (kind, item), out in queue.step():
+                        if kind == "generate":
+                            self._on_generated(item, out, examples, rejected, reviser)
+                        else:
+                            self._on_revised(*item, out, examples, rejected)
+                        slot = item.slot if kind == "generate" else item[0].slot
+                        waiting_for_revision = kind == "generate" and reviser and slot in self._in_revision
+                        if not waiting_for_revision and (retry := self.next_request(slot)):
+                            todo.append(retry)  # rejected or duplicate: the slot's next attempt
         finally:
+            for queue in queues:
+                queue.abort()
             examples.close()
             rejected.close()
 
-    def _round(self, requests: list[PlannedRequest], examples: JsonlAppender, rejected: JsonlAppender) -> None:
-        schema_of = lambda r: r.family.json_schema() if self.json_mode == "constrained" else None  # noqa: E731
-        prompts = [self.llm.apply_chat_template(r.messages) for r in requests]
-        params = [self.params_factory(seed=r.seed, json_schema=schema_of(r)) for r in requests]
-        accepted = []  # (request, data, tokens) awaiting the revisor
-        for index, out in self.llm.stream(prompts, params):
-            request = requests[index]
-            text = out.outputs[0].text if out.error is None else ""
-            tokens = {"prompt_tokens": out.num_prompt_tokens, "cached_tokens": out.num_cached_tokens,
-                      "output_tokens": out.num_output_tokens}
-            data, reason = (None, f"engine_error") if out.error else check_example(request, text, self.json_mode)
-            if data is None:
-                self._reject(rejected, rejection_record(request, reason, text, tokens))
-            elif self.revisor is None:
-                self._accept(examples, rejected, request, data, tokens, revised=False)
-            else:
-                accepted.append((request, data, tokens))
-        if accepted:
-            self._revise_and_accept(accepted, examples, rejected)
+    def _on_generated(self, request: PlannedRequest, out, examples, rejected, reviser) -> None:
+        accepted = self._check(rejected, request, out)
+        if accepted is None:
+            return
+        if reviser is None:
+            self._accept(examples, rejected, request, *accepted, revised=False)
+            return
+        data, tokens = accepted
+        self._in_revision.add(request.slot)
+        messages = revision_messages(request.family, request.task, request.messages[0]["content"], data)
+        reviser.submit(messages, self._params(self.revisor[1], request), ("revise", (request, data, tokens)))
 
-    def _revise_and_accept(self, accepted, examples, rejected) -> None:
-        revisor, revisor_params = self.revisor
-        prompts = [
-            revisor.apply_chat_template(revision_messages(r.family, r.task, r.messages[0]["content"], data))
-            for r, data, _ in accepted
-        ]
-        params = [revisor_params(seed=r.seed, json_schema=r.family.json_schema() if self.json_mode == "constrained" else None)
-                  for r, _, _ in accepted]
-        for index, out in revisor.stream(prompts, params):
-            request, data, tokens = accepted[index]
-            tokens = dict(tokens, revisor_prompt_tokens=out.num_prompt_tokens, revisor_output_tokens=out.num_output_tokens)
-            revised, reason = (None, "engine_error") if out.error else check_example(request, out.outputs[0].text, self.json_mode)
-            # The revisor rewrites once; a revision that breaks the example keeps the original.
-            self._accept(examples, rejected, request, revised or data, tokens, revised=revised is not None)
+    def _on_revised(self, request: PlannedRequest, data: dict, tokens: dict, out, examples, rejected) -> None:
+        self._in_revision.discard(request.slot)
+        tokens = dict(tokens, revisor_prompt_tokens=out.num_prompt_tokens, revisor_output_tokens=out.num_output_tokens)
+        revised = None
+        if out.error is None:
+            revised, _ = check_example(request, out.outputs[0].text, self.json_mode)
+        # The revisor rewrites once; a revision that breaks the example keeps the original.
+        self._accept(examples, rejected, request, revised or data, tokens, revised=revised is not None)
+
+    def _params(self, factory, request: PlannedRequest):
+        schema = request.family.json_schema() if self.json_mode == "constrained" else None
+        return factory(seed=request.seed, json_schema=schema)
+
+    def _check(self, rejected, request: PlannedRequest, out) -> tuple[dict, dict] | None:
+        """(example, token counts) when usable; otherwise the rejection is written and None returned."""
+        text = out.outputs[0].text if out.error is None else ""
+        tokens = {"prompt_tokens": out.num_prompt_tokens, "cached_tokens": out.num_cached_tokens,
+                  "output_tokens": out.num_output_tokens}
+        data, reason = (None, "engine_error") if out.error else check_example(request, text, self.json_mode)
+        if data is None:
+            self._reject(rejected, rejection_record(request, reason, text, tokens))
+            return None
+        return data, tokens
 
     def _accept(self, examples, rejected, request, data, tokens, revised: bool) -> None:
         record = example_record(request, data, self.model_name, revised, tokens)
