@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
 from speedx.synth.families import DEFAULT_MIX, parse_families, parse_mix
-from speedx.synth.run_files import atomic_write_json, read_jsonl
 
 EXIT_BAD_INPUT = 2
 # Settings that must match for a re-run to resume a run directory (num_examples may grow).

@@ -68,7 +68,7 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, tasks_file):
         proc.wait()
     done_before = {r["id"] for r in read(out / "examples.jsonl") + read(out / "rejected.jsonl")}
     assert generate_main(["--tasks", str(tasks_file), "--num-examples", "6", "--out", str(out), *COMMON]) == 0
-    examples = check_run(out, 6)
+    check_run(out, 6)
     kept = {r["id"] for r in read(out / "examples.jsonl") + read(out / "rejected.jsonl")}
     assert done_before <= kept  # nothing finished before the kill was lost
 

@@ -6,7 +6,7 @@ import logging
 import re
 import time
 from collections import deque
-from typing import Callable, Iterable, Iterator, Sequence as Seq
+from typing import Callable, Iterator, Sequence as Seq
 
 import torch
 

@@ -7,7 +7,6 @@ import time
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 
-import torch
 
 from speedx._C import BlockPool
 from speedx.engine.model_runner import ModelRunner
@@ -15,7 +14,7 @@ from speedx.engine.outputs import CompletionOutput, RequestOutput
 from speedx.engine.sampling_params import SamplingParams
 from speedx.engine.scheduler import Scheduler
 from speedx.engine.sequence import Request, Sequence, SequenceStatus
-from speedx.engine.sampler import _splitmix64
+from speedx.engine.sampler import splitmix64
 from speedx.engine.structured_output import StructuredOutputs
 
 logger = logging.getLogger("speedx")
@@ -68,7 +67,7 @@ class LLMEngine:
                 grammar = self.structured_outputs.grammar(params.json_schema_text)
             except ValueError as exc:
                 raise ValueError(f"request {request_id}: {exc}") from None
-        seed = params.seed if params.seed is not None else _splitmix64(self.seed ^ _splitmix64(self._num_added))
+        seed = params.seed if params.seed is not None else splitmix64(self.seed ^ splitmix64(self._num_added))
         self._num_added += 1
         request = Request(request_id, text, token_ids, params, seed, self.eos_token_ids, grammar=grammar)
         request.sequences.append(Sequence(request, list(token_ids)))

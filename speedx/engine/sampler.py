@@ -12,7 +12,7 @@ import torch
 _MASK64 = (1 << 64) - 1
 
 
-def _splitmix64(x: int) -> int:
+def splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
@@ -21,7 +21,7 @@ def _splitmix64(x: int) -> int:
 
 def counter_uniform(seed: int, sample_index: int, position: int) -> float:
     """A uniform in [0, 1) that depends only on its three arguments."""
-    x = _splitmix64((seed & _MASK64) ^ _splitmix64(sample_index ^ _splitmix64(position)))
+    x = splitmix64((seed & _MASK64) ^ splitmix64(sample_index ^ splitmix64(position)))
     return (x >> 11) * 2.0**-53
 
 

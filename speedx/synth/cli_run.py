@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import time
@@ -76,7 +77,7 @@ def run_generate(args, checked) -> int:
 
     out: Path = checked["out"]
     manifest_path = out / "manifest.json"
-    previous = __import__("json").loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     llm = LLM(args.model, dtype=args.dtype, seed=args.seed, kv_cache_memory=args.kv_cache_memory,
               max_num_seqs=args.max_num_seqs)
     if args.json_mode == "constrained":

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from speedx.synth.families import FAMILIES, Family
+from speedx.synth.families import Family
 from speedx.synth.json_repair import JSONRepairError, parse_json_object
 from speedx.synth.validate import validate_example
 
@@ -114,7 +114,3 @@ def export_sentence_transformers(examples: list[dict], out_dir: Path) -> dict[st
         table = pa.table({c: [r[c] for r in rows] for c in columns})
         pq.write_table(table, out_dir / f"{name}.parquet")
     return counts
-
-
-def family_of(name: str) -> Family:
-    return FAMILIES[name]

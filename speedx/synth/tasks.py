@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
+from speedx.engine.sampler import splitmix64
 from speedx.synth.dedup import Deduplicator
 from speedx.synth.families import FAMILIES, Family
 from speedx.synth.json_repair import JSONRepairError, parse_json_object
@@ -128,9 +129,7 @@ def _task_candidates(text: str) -> list[str]:
 
 def hash_seed(*parts: int) -> int:
     """A stable 63-bit seed from integers (Python's hash() is salted per process for strings)."""
-    from speedx.engine.sampler import _splitmix64
-
     value = 0
     for part in parts:
-        value = _splitmix64(value ^ (part & (2**64 - 1)))
+        value = splitmix64(value ^ (part & (2**64 - 1)))
     return value >> 1
