@@ -35,15 +35,7 @@ def paged_attention_torch(
     scale: float,
 ) -> torch.Tensor:
     """q: [tokens, heads, head_dim] -> out with the same shape."""
-    starts, lens = cu_seqlens_q.tolist(), kv_lens.tolist()
-    num_decodes = _leading_decodes(starts)
-    out = torch.empty_like(q)
-    if num_decodes:
-        out[:num_decodes] = _decode_batch(
-            q[:num_decodes], k_cache, v_cache, block_tables[:num_decodes], kv_lens[:num_decodes], max(lens[:num_decodes]), scale
-        )
-    _prefill_rest(out, q, k_cache, v_cache, block_tables, starts, lens, num_decodes, scale)
-    return out
+    return _attend(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, _decode_batch)
 
 
 def paged_attention_cpu(
@@ -57,19 +49,33 @@ def paged_attention_cpu(
 ) -> torch.Tensor:
     """The CPU path: decodes through the C++ kernel that reads the paged cache in place (2.6x the
     gather + SDPA twin, bench/cpu_attention.py), prompt chunks through the twin."""
-    from speedx import _C
+    return _attend(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, _decode_batch_cpp)
 
+
+def _attend(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, decode) -> torch.Tensor:
+    """Decodes (packed first, one query row each) in one batched call, then each prompt chunk."""
     starts, lens = cu_seqlens_q.tolist(), kv_lens.tolist()
     num_decodes = _leading_decodes(starts)
     out = torch.empty_like(q)
     if num_decodes:
-        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-        _C.paged_decode_attention(
-            out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-            block_tables[:num_decodes].numpy(), kv_lens[:num_decodes].numpy(),
-            q.shape[1], num_kv_heads, head_dim, block_size, num_blocks, scale, str(q.dtype), torch.get_num_threads(),
+        out[:num_decodes] = decode(
+            q[:num_decodes], k_cache, v_cache, block_tables[:num_decodes], kv_lens[:num_decodes], max(lens[:num_decodes]), scale
         )
-    _prefill_rest(out, q, k_cache, v_cache, block_tables, starts, lens, num_decodes, scale)
+    for i in range(num_decodes, len(lens)):
+        start, end = starts[i], starts[i + 1]
+        out[start:end] = _prefill_one(q[start:end], k_cache, v_cache, block_tables[i], lens[i], scale)
+    return out
+
+
+def _decode_batch_cpp(q, k_cache, v_cache, block_tables, kv_lens, max_kv_len, scale):
+    from speedx import _C
+
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    out = torch.empty_like(q)
+    _C.paged_decode_attention(
+        out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.numpy(), kv_lens.numpy(),
+        q.shape[1], num_kv_heads, head_dim, block_size, num_blocks, scale, str(q.dtype), torch.get_num_threads(),
+    )
     return out
 
 
@@ -79,12 +85,6 @@ def _leading_decodes(starts: list[int]) -> int:
     while count + 1 < len(starts) and starts[count + 1] - starts[count] == 1:
         count += 1
     return count
-
-
-def _prefill_rest(out, q, k_cache, v_cache, block_tables, starts, lens, first, scale) -> None:
-    for i in range(first, len(lens)):
-        start, end = starts[i], starts[i + 1]
-        out[start:end] = _prefill_one(q[start:end], k_cache, v_cache, block_tables[i], lens[i], scale)
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:

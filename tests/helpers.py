@@ -51,3 +51,17 @@ def llm_bytes_per_token(model) -> int:
     c = model.config
     head_dim = c.hidden_size // c.num_attention_heads
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4
+
+
+def count_preemptions(llm: LLM) -> list[int]:
+    """Wrap llm.engine.step so the returned list collects each step's number of preemptions."""
+    counts: list[int] = []
+    real_step = llm.engine.step
+
+    def counting_step():
+        finished, stats = real_step()
+        counts.append(stats.num_preempted)
+        return finished, stats
+
+    llm.engine.step = counting_step
+    return counts

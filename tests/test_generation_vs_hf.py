@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from helpers import assert_matches_hf, hf_greedy, llm_bytes_per_token, make_llm, random_prompts
+from helpers import assert_matches_hf, count_preemptions, hf_greedy, llm_bytes_per_token, make_llm, random_prompts
 
 from speedx import SamplingParams
 from speedx.engine.sampler import counter_uniform, sample_tokens
@@ -20,15 +20,7 @@ def test_tiny_pool_forces_preemption(tiny_llama):
     llm = make_llm(path, kv_cache_memory=16 * 4 * llm_bytes_per_token(model))
     assert llm.engine.pool.num_blocks == 16
     prompts = random_prompts(len(tok), [30, 12, 25, 7, 19, 28], seed=1)
-    preempted = []
-    real_step = llm.engine.step
-
-    def counting_step():
-        finished, stats = real_step()
-        preempted.append(stats.num_preempted)
-        return finished, stats
-
-    llm.engine.step = counting_step
+    preempted = count_preemptions(llm)
     assert_matches_hf(llm, model, prompts)
     assert sum(preempted) > 0
     assert llm.engine.pool.num_free_blocks == 16  # nothing leaked

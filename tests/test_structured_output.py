@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from helpers import llm_bytes_per_token, make_llm, random_prompts
+from helpers import count_preemptions, llm_bytes_per_token, make_llm, random_prompts
 
 from speedx import SamplingParams
 from speedx.engine.structured_output import StructuredOutputs
@@ -209,15 +209,7 @@ def test_preemption_keeps_matchers_valid(tiny_llama):
     params = SamplingParams(temperature=0, max_tokens=96, json_schema=schema())
     roomy = make_llm(path).generate(prompts, params, use_tqdm=False)
     llm = make_llm(path, kv_cache_memory=40 * 4 * llm_bytes_per_token(model))
-    preempted = []
-    real_step = llm.engine.step
-
-    def counting_step():
-        finished, stats = real_step()
-        preempted.append(stats.num_preempted)
-        return finished, stats
-
-    llm.engine.step = counting_step
+    preempted = count_preemptions(llm)
     tight = llm.generate(prompts, params, use_tqdm=False)
     assert sum(preempted) > 0
     for a, b in zip(roomy, tight):

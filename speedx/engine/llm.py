@@ -12,6 +12,7 @@ import torch
 
 from speedx._C import BlockPool
 from speedx.engine.llm_engine import LLMEngine
+from speedx.engine.model_runner import ModelRunner
 from speedx.engine.outputs import CompletionOutput, RequestOutput
 from speedx.engine.sampling_params import SamplingParams
 from speedx.models.layers import widen_cpu_matmuls
@@ -76,7 +77,7 @@ class LLM:
             widen_cpu_matmuls(net, self.dtype)
             net.lm_head.out_dtype = torch.float32  # logits feed the sampler in fp32 anyway
 
-        bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * self.dtype.itemsize
+        bytes_per_token = ModelRunner.kv_bytes_per_token(config, self.dtype)
         budget = self._kv_budget(kv_cache_memory, gpu_memory_utilization, bytes_per_token * max_model_len * max_num_seqs)
         num_blocks = max(1, budget // (bytes_per_token * block_size))
         capacity = num_blocks * block_size

@@ -30,8 +30,9 @@ class ModelRunner:
 
     @staticmethod
     def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
+        """K and V rows of every layer for one token."""
         c = model_config
-        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.finfo(dtype).bits // 8
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype.itemsize
 
     def _copy_on_write(self) -> None:
         copies = self.pool.take_copies()
