@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from speedx.kernels.dispatch import use_triton
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -58,6 +60,23 @@ def mask_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
 
 
 def sample_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> torch.Tensor:
+    """sample_tokens_torch, or its Triton kernel per SPEEDX_KERNELS (kernels/dispatch.py). The Triton
+    draw is a race keyed by the same uniforms: same masks and distribution, other tokens."""
+    if use_triton(logits.device):
+        from speedx.kernels.triton_sampling import sample_tokens_from_uniforms_triton
+
+        return sample_tokens_from_uniforms_triton(logits, temperature, top_k, top_p, min_p, uniforms)
+    return sample_tokens_torch(logits, temperature, top_k, top_p, min_p, uniforms)
+
+
+def sample_tokens_torch(
     logits: torch.Tensor,
     temperature: torch.Tensor,
     top_k: torch.Tensor,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from speedx.kernels import paged_attention_cpu, paged_attention_torch, store_kvcache_torch
+from speedx.kernels.dispatch import kernel_mode, paged_attention, store_kvcache
 from speedx.models.layers import RotaryEmbedding
 
 
@@ -35,6 +35,8 @@ class PagedAttention(nn.Module):
         # Set by the model runner once the cache is allocated.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # SPEEDX_KERNELS, read once when the model is built (kernels/dispatch.py).
+        self.kernel_mode = kernel_mode()
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -42,7 +44,8 @@ class PagedAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        store_kvcache_torch(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        attend = paged_attention_cpu if q.device.type == "cpu" else paged_attention_torch
-        out = attend(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, self.scale)
+        store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, mode=self.kernel_mode)
+        out = paged_attention(
+            q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, self.scale, mode=self.kernel_mode
+        )
         return self.o_proj(out.flatten(1))

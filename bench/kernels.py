@@ -1,0 +1,197 @@
+"""Triton kernels vs their PyTorch twins (and flash-attn where installed) on one CUDA GPU.
+
+Medians of triton.testing.do_bench; memory-bound kernels also report achieved bandwidth next to a
+measured device-to-device copy (the practical ceiling). Shapes: Llama-3-8B (32 query / 8 KV heads,
+head_dim 128, bf16 KV cache, block_size 16, vocab 128256). JSON out.
+
+    python bench/kernels.py                       # needs CUDA; on CPU it says so and exits 0
+    python bench/kernels.py --out bench/results/kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK, VOCAB = 32, 8, 128, 16, 128256
+DTYPE = torch.bfloat16
+
+
+def bench(fn) -> float:
+    """Median milliseconds."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (bench(lambda: dst.copy_(src)) * 1e-3)
+
+
+def paged_case(seqs, device="cuda"):
+    """seqs: [(q_len, kv_len)]; a block table randomly permuted over the pool (as after churn)."""
+    blocks = [-(-kv // BLOCK) for _, kv in seqs]
+    pool = sum(blocks) + 64
+    perm = torch.randperm(pool, device=device).to(torch.int32)
+    table = torch.full((len(seqs), max(blocks)), -1, dtype=torch.int32, device=device)
+    used = 0
+    for i, n in enumerate(blocks):
+        table[i, :n] = perm[used : used + n]
+        used += n
+    k_cache = torch.randn(pool, BLOCK, KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    tokens = sum(q for q, _ in seqs)
+    q = torch.randn(tokens, HEADS, HEAD_DIM, device=device, dtype=DTYPE)
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.tensor([q_len for q_len, _ in seqs], device=device).cumsum(0)
+    kv_lens = torch.tensor([kv for _, kv in seqs], dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, table, cu, kv_lens
+
+
+def flash_attn_decode(seqs):
+    """flash_attn_with_kvcache on its own paged layout (page size 256, its minimum), same bytes."""
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        return None
+    page = 256
+    kv_lens = torch.tensor([kv for _, kv in seqs], dtype=torch.int32, device="cuda")
+    pages = [-(-kv // page) for _, kv in seqs]
+    k = torch.randn(sum(pages), page, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v = torch.randn_like(k)
+    table = torch.zeros(len(seqs), max(pages), dtype=torch.int32, device="cuda")
+    perm, used = torch.randperm(sum(pages), device="cuda").to(torch.int32), 0
+    for i, n in enumerate(pages):
+        table[i, :n] = perm[used : used + n]
+        used += n
+    q = torch.randn(len(seqs), 1, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    return bench(lambda: flash_attn_with_kvcache(q, k, v, cache_seqlens=kv_lens, block_table=table, causal=True))
+
+
+def attention_rows(peak: float) -> list[dict]:
+    from speedx.kernels.paged_attention import paged_attention_torch
+    from speedx.kernels.triton_attention import paged_attention_triton
+
+    workloads = {
+        "decode 64 x 1024": [(1, 1024)] * 64,
+        "decode 256 x 512": [(1, 512)] * 256,
+        "decode 8 x 8192": [(1, 8192)] * 8,
+        "decode 1 x 32768": [(1, 32768)],
+        "prefill 4 x 2048": [(2048, 2048)] * 4,
+        "mixed 32 decodes x 1024 + 512-token chunk at 1536": [(1, 1024)] * 32 + [(512, 1536)],
+    }
+    rows = []
+    for name, seqs in workloads.items():
+        q, k_cache, v_cache, table, cu, kv_lens = paged_case(seqs)
+        scale = HEAD_DIM**-0.5
+        kv_bytes = sum(kv for _, kv in seqs) * KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()
+        io_bytes = kv_bytes + 2 * q.numel() * q.element_size()
+        flops = sum(4 * q_len * (kv - q_len / 2) * HEADS * HEAD_DIM for q_len, kv in seqs)  # causal QK^T + PV
+        row = {"workload": name}
+        for label, fn in [
+            ("triton", lambda: paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, scale)),
+            ("triton_no_split", lambda: paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, scale, num_splits=1)),
+            ("torch_twin", lambda: paged_attention_torch(q, k_cache, v_cache, table, cu, kv_lens, scale)),
+        ]:
+            ms = bench(fn)
+            row[label] = {"ms": ms, "GB/s": io_bytes / ms / 1e6, "TFLOP/s": flops / ms / 1e9, "of_copy_bw": io_bytes / (ms * 1e-3) / peak}
+        if all(q_len == 1 for q_len, _ in seqs):
+            ms = flash_attn_decode(seqs)
+            if ms is not None:
+                row["flash_attn_page256"] = {"ms": ms, "GB/s": io_bytes / ms / 1e6, "of_copy_bw": io_bytes / (ms * 1e-3) / peak}
+        rows.append(row)
+        print(name, {k: round(v["ms"], 4) for k, v in row.items() if isinstance(v, dict)})
+    return rows
+
+
+def kv_store_rows(peak: float) -> list[dict]:
+    from speedx.kernels.paged_attention import store_kvcache_torch
+    from speedx.kernels.triton_kv_store import store_kvcache_triton
+
+    rows = []
+    for tokens in (256, 8192):
+        pool = 4096
+        k_cache = torch.zeros(pool, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        v_cache = torch.zeros_like(k_cache)
+        qkv = torch.randn(tokens, HEADS + 2 * KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        k, v = qkv[:, HEADS : HEADS + KV_HEADS], qkv[:, HEADS + KV_HEADS :]  # the model's strided views
+        slots = torch.randperm(pool * BLOCK, device="cuda")[:tokens]
+        moved = 2 * 2 * k.numel() * k.element_size()  # read + write of K and V
+        row = {"workload": f"store {tokens} tokens"}
+        for label, fn in [
+            ("triton", lambda: store_kvcache_triton(k, v, k_cache, v_cache, slots)),
+            ("torch_twin", lambda: store_kvcache_torch(k, v, k_cache, v_cache, slots)),
+        ]:
+            ms = bench(fn)
+            row[label] = {"ms": ms, "GB/s": moved / ms / 1e6, "of_copy_bw": moved / (ms * 1e-3) / peak}
+        rows.append(row)
+        print(row["workload"], {k: round(v["ms"], 4) for k, v in row.items() if isinstance(v, dict)})
+    return rows
+
+
+def sampling_rows(peak: float) -> list[dict]:
+    from speedx.engine.sampler import sample_tokens_torch
+    from speedx.kernels.triton_sampling import sample_tokens_from_uniforms_triton
+
+    rows = []
+    for batch, label, params in [
+        (256, "greedy", (0.0, 0, 1.0, 0.0)),
+        (256, "temperature only", (0.8, 0, 1.0, 0.0)),
+        (256, "top-k 50 + top-p 0.9 + min-p 0.05", (0.8, 50, 0.9, 0.05)),
+        (32, "top-k 50 + top-p 0.9 + min-p 0.05", (0.8, 50, 0.9, 0.05)),
+    ]:
+        logits = torch.randn(batch, VOCAB, device="cuda") * 4
+        t, k, p, m = params
+        args = (
+            torch.full((batch,), t, device="cuda"), torch.full((batch,), k, dtype=torch.int64, device="cuda"),
+            torch.full((batch,), p, device="cuda"), torch.full((batch,), m, device="cuda"),
+            torch.rand(batch, dtype=torch.float64, device="cuda"),
+        )
+        row = {"workload": f"sample {batch} x {VOCAB}, {label}"}
+        for name, fn in [
+            ("triton", lambda: sample_tokens_from_uniforms_triton(logits, *args)),
+            ("torch_twin", lambda: sample_tokens_torch(logits, *args)),
+        ]:
+            ms = bench(fn)
+            row[name] = {"ms": ms, "logits_GB/s_one_pass": logits.numel() * 4 / ms / 1e6}
+        rows.append(row)
+        print(row["workload"], {k: round(v["ms"], 4) for k, v in row.items() if isinstance(v, dict)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results/kernels.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU (the Triton kernels' CPU interpreter is for tests only); skipping.")
+        sys.exit(0)
+    import triton
+
+    torch.manual_seed(0)
+    peak = copy_bandwidth()
+    device = torch.cuda.get_device_name()
+    print(f"{device}: device-to-device copy {peak / 1e9:.0f} GB/s")
+    report = {
+        "device": device, "torch": torch.__version__, "triton": triton.__version__,
+        "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "vocab": VOCAB,
+                   "kv_dtype": str(DTYPE)},
+        "copy_GB/s": peak / 1e9,
+        "attention": attention_rows(peak),
+        "kv_store": kv_store_rows(peak),
+        "sampling": sampling_rows(peak),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

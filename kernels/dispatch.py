@@ -1,0 +1,68 @@
+"""Choose Triton kernels or the PyTorch twins: SPEEDX_KERNELS=triton|torch|auto (default auto).
+
+auto: Triton on CUDA tensors when triton imports, else the twins (on CPU the C++ decode path for
+attention). triton: Triton even on CPU tensors (needs TRITON_INTERPRET=1 set before triton is first
+imported). torch: always the twins. The variable is read per call (a dict lookup) or once by a
+caller that caches `kernel_mode()`; nothing here imports triton unless Triton is chosen.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from speedx.kernels.paged_attention import paged_attention_cpu, paged_attention_torch, store_kvcache_torch
+
+MODES = ("auto", "triton", "torch")
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("SPEEDX_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"SPEEDX_KERNELS={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+@functools.cache
+def triton_available() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton.language  # noqa: F401
+    except Exception:  # a broken install falls back to the twins under auto
+        return False
+    return True
+
+
+def use_triton(device: torch.device, mode: str | None = None) -> bool:
+    mode = mode or kernel_mode()
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        if not triton_available():
+            raise RuntimeError("SPEEDX_KERNELS=triton but triton cannot be imported (pip install 'speedx[triton]')")
+        return True
+    return device.type == "cuda" and triton_available()
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, *, mode: str | None = None):
+    """paged_attention_torch's contract, on the chosen backend."""
+    if use_triton(q.device, mode):
+        from speedx.kernels.triton_attention import paged_attention_triton
+
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
+    attend = paged_attention_cpu if q.device.type == "cpu" else paged_attention_torch
+    return attend(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
+
+
+def store_kvcache(k, v, k_cache, v_cache, slot_mapping, *, mode: str | None = None) -> None:
+    """store_kvcache_torch's contract, on the chosen backend."""
+    if use_triton(k.device, mode):
+        from speedx.kernels.triton_kv_store import store_kvcache_triton
+
+        store_kvcache_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        store_kvcache_torch(k, v, k_cache, v_cache, slot_mapping)

@@ -1,0 +1,231 @@
+"""Paged attention in Triton: one kernel for prefill, chunked prefill and decode, plus split-KV.
+
+Same contract as paged_attention_torch (kernels/paged_attention.py): query j of sequence i sits at
+absolute position kv_lens[i] - q_len + j and attends causally to the cache through the block table.
+Every sequence has at least one query row (the model runner never schedules an empty one).
+
+Grid: (query block, kv head[, split]). A query block is BLOCK_Q tokens of one sequence times the
+query heads of one KV-head group (GQA packing: each K/V tile is loaded once for the whole group).
+Sequence i's query blocks start at cu_seqlens_q[i] // BLOCK_Q + i, so the grid size needs only host
+numbers (tokens, sequences) and the kernel finds its sequence by binary search: no host sync.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from speedx.kernels.triton_jit import check_device, import_triton, jit
+
+triton = import_triton()
+import triton.language as tl  # noqa: E402
+
+LOG2E = 1.4426950408889634
+
+
+@jit
+def _paged_attention_kernel(
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, kv_lens_ptr,
+    part_out_ptr, part_lse_ptr,
+    scale_log2, num_seqs, num_heads, num_splits,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALL_DECODE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if ALL_DECODE:
+        seq = pid
+        q_block = 0
+    else:
+        # Last sequence whose first query block is <= pid.
+        lo = tl.full((), 0, tl.int32)
+        hi = tl.full((), 0, tl.int32) + num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid <= pid:
+                lo = mid + 1
+            else:
+                hi = mid
+        seq = lo - 1
+        q_block = pid - (tl.load(cu_seqlens_q_ptr + seq) // BLOCK_Q + seq)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if q_block * BLOCK_Q >= q_len:
+        return
+    kv_len = tl.load(kv_lens_ptr + seq)
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_block * BLOCK_Q + rows // GROUP_PAD
+    h = rows % GROUP_PAD
+    head = kv_head * GROUP + h
+    row_ok = (q_idx < q_len) & (h < GROUP)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = d < HEAD_DIM
+    tok = (q_start + q_idx).to(tl.int64)
+    io_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=io_mask, other=0.0)
+    q_pos = kv_len - q_len + q_idx  # absolute position: the causal limit of each row
+
+    # Keys up to the block's last query (causal), never past kv_len.
+    kv_end = tl.minimum(kv_len, kv_len - q_len + (q_block + 1) * BLOCK_Q)
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    if SPLIT:
+        per_split = tl.cdiv(num_tiles, num_splits)
+        tile_begin = split * per_split
+        tile_end = tl.minimum(tile_begin + per_split, num_tiles)
+    else:
+        tile_begin = 0
+        tile_end = num_tiles
+
+    # Finite start: a row whose tile is all masked then gives exp2(-inf) = 0, never inf - inf.
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for tile in range(tile_begin, tile_end):
+        n = tile * BLOCK_N + offs_n
+        n_ok = n < kv_end
+        # int64 before the stride multiply: block ids x block stride overflow int32 on big pools.
+        blk = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot = n % BLOCK_SIZE
+        k_off = blk * stride_kb + slot * stride_ks + kv_head * stride_kh
+        kt = tl.load(k_cache_ptr + k_off[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
+        qk = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_off = blk * stride_vb + slot * stride_vs + kv_head * stride_vh
+        v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if SPLIT:
+        # Normalised partial output + its log2-sum-exp; an empty split writes zeros and -inf.
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        part = (seq.to(tl.int64) * num_heads + head) * num_splits + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], o, mask=row_ok[:, None])
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+    else:
+        o = acc / l_i[:, None]
+        out_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@jit
+def _merge_splits_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, num_heads, num_splits, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    s_ok = s < num_splits
+    d = tl.arange(0, HEAD_DIM_PAD)
+    base = (seq.to(tl.int64) * num_heads + head) * num_splits
+    lse = tl.load(part_lse_ptr + base + s, mask=s_ok, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
+    o = tl.load(part_out_ptr + (base + s)[:, None] * HEAD_DIM_PAD + d[None, :], mask=s_ok[:, None], other=0.0)
+    res = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + d
+    tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(device: torch.device, programs: int, max_kv_len: int) -> int:
+    """Split KV only when (sequences x kv heads) leave SMs idle and the context is long enough that
+    each split still streams >= 512 keys; a power of two to bound the compiled variants."""
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    splits = min(triton.cdiv(2 * sms, programs), max_kv_len // 512, 32)
+    return 1 if splits < 2 else 1 << (splits.bit_length() - 1)
+
+
+def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: bool) -> dict:
+    """Tile constexprs + launch options. Tiles chosen so that sm_90 compiles them without register
+    spills (ptxas, 8 warps): 64 x 64 for 16-bit head_dim <= 128, smaller for padded or larger heads
+    and for fp32 (FMA dots, tests only). Decode: one token per block, the group padded to 16 rows
+    (the smallest tl.dot tile)."""
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    wide = dtype != torch.float32 and head_dim_pad <= 128
+    block_m, block_n = (64, 64 if head_dim == head_dim_pad else 32) if wide else (32, 32)
+    if all_decode:
+        group_pad, block_q, num_warps = max(16, triton.next_power_of_2(group)), 1, 8
+    else:
+        group_pad = triton.next_power_of_2(group)
+        block_q, num_warps = max(1, block_m // group_pad), 8 if dtype != torch.float32 else 4
+    return dict(
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, ALL_DECODE=all_decode,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else None,  # fp32 caches: no TF32 rounding
+        num_warps=num_warps, num_stages=2,
+    )
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+    num_splits: int = 0,
+) -> torch.Tensor:
+    """paged_attention_torch's contract. num_splits: split-KV for pure-decode batches; 0 = choose
+    from the device and the block table's width, 1 = off (prefill batches never split)."""
+    check_device(q)
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs = kv_lens.shape[0]
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
+    group = num_heads // num_kv_heads
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    all_decode = num_tokens == num_seqs  # one query row per sequence (each has at least one)
+    config = attention_config(q.dtype, head_dim, group, all_decode)
+    if not all_decode:
+        num_splits = 1
+    elif num_splits == 0:
+        num_splits = choose_num_splits(q.device, num_seqs * num_kv_heads, block_tables.shape[1] * block_size)
+    num_splits = max(1, num_splits)
+    split = num_splits > 1
+    if split:
+        part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim_pad), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    num_q_blocks = num_seqs if all_decode else num_tokens // config["BLOCK_Q"] + num_seqs
+    _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_splits)](
+        out, q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, part_out, part_lse,
+        scale * LOG2E, num_seqs, num_heads, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, SPLIT=split, **config,
+    )
+    if split:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            out, part_out, part_lse, num_heads, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        )
+    return out

@@ -1,0 +1,132 @@
+"""Triton paged attention (prefill, chunked prefill, decode, split-KV) and KV store against the
+PyTorch twins. On CPU they run under the Triton interpreter (fp32); the @gpu variants run the
+compiled kernels in bf16 on CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from speedx.kernels.triton_jit import import_triton, interpreter_active
+
+# Triton fixes interpreter vs compiler at its first import: without CUDA import it interpreted
+# (TRITON_INTERPRET=1 only for that import, so the environment of other tests is unchanged).
+import_triton(interpret=not torch.cuda.is_available())
+
+from speedx.kernels import paged_attention_torch, store_kvcache_torch  # noqa: E402
+from speedx.kernels.triton_attention import paged_attention_triton  # noqa: E402
+from speedx.kernels.triton_kv_store import store_kvcache_triton  # noqa: E402
+
+INTERPRETED = interpreter_active()
+cpu_only = pytest.mark.skipif(not INTERPRETED, reason="triton was imported compiled: CPU tensors need the interpreter")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA (compiled Triton)")
+
+MIXED = [(1, 1328), (5, 18), (129, 463)]  # (q_len, kv_len): a decode, a chunk, a long prefill chunk
+DECODE = [(1, 1328), (1, 7), (1, 300), (1, 64), (1, 1)]
+HEADS = [(4, 4), (8, 2), (5, 1)]
+
+
+def make_case(seqs, num_heads, num_kv_heads, head_dim, block_size=16, dtype=torch.float32, device="cpu", strided_q=False):
+    """Fresh random q / caches and a block table randomly permuted over a pool 3x larger than needed."""
+    blocks = [-(-kv // block_size) for _, kv in seqs]
+    pool = 3 * sum(blocks) + 5
+    perm = torch.randperm(pool).to(torch.int32)
+    table = torch.full((len(seqs), max(blocks) + 2), -1, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks):
+        table[i, :n] = perm[used : used + n]
+        used += n
+    shape = (pool, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    tokens = sum(q for q, _ in seqs)
+    if strided_q:  # a view out of a fused qkv row, like the model's
+        q = torch.randn(tokens, num_heads + 2 * num_kv_heads, head_dim).to(dtype)[:, :num_heads]
+    else:
+        q = torch.randn(tokens, num_heads, head_dim).to(dtype)
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor([q_len for q_len, _ in seqs]), 0)
+    kv_lens = torch.tensor([kv for _, kv in seqs], dtype=torch.int32)
+    to = lambda t: t.to(device)  # noqa: E731
+    return to(q), to(k_cache), to(v_cache), to(table), to(cu), to(kv_lens)
+
+
+def check_attention(seqs, num_heads, num_kv_heads, head_dim, atol, num_splits=1, **kw):
+    q, k_cache, v_cache, table, cu, kv_lens = make_case(seqs, num_heads, num_kv_heads, head_dim, **kw)
+    scale = head_dim**-0.5
+    out = paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, scale, num_splits=num_splits)
+    # fp32 reference from the same (possibly bf16) inputs
+    ref = paged_attention_torch(q.float(), k_cache.float(), v_cache.float(), table, cu, kv_lens, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
+
+
+@cpu_only
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("seqs", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_attention_matches_twin(seqs, heads):
+    check_attention(seqs, *heads, head_dim=64, atol=2e-5)
+
+
+@cpu_only
+@pytest.mark.parametrize("seqs", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_attention_head_dim_128_and_strided_q(seqs):
+    check_attention(seqs, 8, 2, 128, atol=2e-5, strided_q=True)
+
+
+@cpu_only
+@pytest.mark.parametrize("block_size", [4, 12])
+def test_attention_small_and_odd_block_sizes(block_size):
+    # the engine's tests use block_size 4; a non-power of two still walks the table per token
+    check_attention([(1, 37), (3, 3), (17, 40)], 5, 1, 80, atol=2e-5, block_size=block_size)
+
+
+@cpu_only
+@pytest.mark.parametrize("num_splits", [2, 3, 8])
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+def test_split_kv_matches_twin(heads, num_splits):
+    # kv_len 1 and 7 leave most splits empty: they must merge as zero weight
+    check_attention(DECODE, *heads, head_dim=64, atol=2e-5, num_splits=num_splits)
+
+
+def check_store(num_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
+    pool, block_size, tokens = 40, 16, 50
+    k_cache = torch.randn(pool, block_size, num_kv_heads, head_dim).to(dtype).to(device)
+    v_cache = torch.randn_like(k_cache)
+    qkv = torch.randn(tokens, 3 * num_kv_heads, head_dim).to(dtype).to(device)
+    k, v = qkv[:, :num_kv_heads], qkv[:, num_kv_heads : 2 * num_kv_heads]  # strided views, like the model's
+    slots = torch.randperm(pool * block_size)[:tokens].to(device)
+    slots[torch.randperm(tokens)[:7]] = -1  # padding rows
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kvcache_torch(k, v, k_ref, v_ref, slots)
+    store_kvcache_triton(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@cpu_only
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(2, 64), (1, 128), (3, 80)])
+def test_store_kvcache_matches_twin(num_kv_heads, head_dim):
+    check_store(num_kv_heads, head_dim)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("num_splits", [1, 4, 0])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("seqs", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_attention_gpu(dtype, seqs, heads, head_dim, num_splits):
+    atol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    check_attention(seqs, *heads, head_dim, atol, num_splits=num_splits, dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_store_kvcache_gpu(dtype):
+    check_store(8, 128, dtype=dtype, device="cuda")

@@ -1,0 +1,63 @@
+"""The interpreter is lenient (no loop-carried type checks, no register limits): compile the kernels
+exactly as the wrappers configure them to sm_90 (H100/H200) and sm_80 cubins, no GPU needed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+COMPILE = """
+import sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from speedx.kernels import triton_attention as A, triton_kv_store as S, triton_sampling as P
+
+def compile_for(cap, fn, types, consts, num_warps=4, num_stages=2):
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", cap, 32), options=options)
+
+def attention(cap, dtype, head_dim, group, all_decode, split):
+    dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    types = {n: f"*{dt}" for n in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")}
+    types.update(block_tables_ptr="*i32", cu_seqlens_q_ptr="*i32", kv_lens_ptr="*i32", part_out_ptr="*fp32",
+                 part_lse_ptr="*fp32", scale_log2="fp32", stride_kb="i64", stride_vb="i64")
+    config = A.attention_config(dtype, head_dim, group, all_decode)
+    options = dict(num_warps=config.pop("num_warps"), num_stages=config.pop("num_stages"))
+    consts = dict(config, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=16, SPLIT=split)
+    compile_for(cap, A._paged_attention_kernel, types, consts, **options)
+
+for cap in (90, 80):
+    attention(cap, torch.bfloat16, 128, 4, False, False)  # Llama-3-8B prefill / mixed
+    attention(cap, torch.bfloat16, 128, 4, True, True)    # decode, split-KV
+    if cap == 80:
+        continue
+    attention(cap, torch.bfloat16, 128, 4, True, False)
+    attention(cap, torch.bfloat16, 80, 5, False, False)  # padded head_dim, odd group
+    attention(cap, torch.float32, 64, 1, False, False)   # the fp32 GPU tests
+    compile_for(cap, A._merge_splits_kernel, dict(out_ptr="*bf16", part_out_ptr="*fp32", part_lse_ptr="*fp32"),
+                dict(HEAD_DIM=128, HEAD_DIM_PAD=128, SPLITS_PAD=8))
+    compile_for(cap, S._store_kvcache_kernel, {n: "*bf16" for n in ("k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr")}
+                | dict(slot_ptr="*i64"), dict(NUM_KV_HEADS=8, HEAD_DIM=128, HEADS_PAD=8, HEAD_DIM_PAD=128, BLOCK_SIZE=16))
+    types = {n: "*i64" for n in ("top_k_ptr", "key_ptr", "seed_ptr", "sample_index_ptr", "position_ptr", "tokens_ptr")}
+    types.update({n: "*fp32" for n in ("logits_ptr", "temperature_ptr", "top_p_ptr", "min_p_ptr", "masked_ptr")})
+    types.update(bitmask_ptr="*i32")
+    for has_bitmask, hash_keys, draw in [(False, False, True), (True, True, True), (True, True, False)]:
+        consts = dict(HAS_BITMASK=has_bitmask, HASH_KEYS=hash_keys, DRAW=draw, WRITE_MASKED=not draw,
+                      BLOCK_V=P._block_v(128256), RADIX_BITS=P.RADIX_BITS)
+        compile_for(cap, P._sample_kernel, types, consts, num_warps=P.NUM_WARPS)
+"""
+
+
+def test_kernels_compile_for_gpus(tmp_path):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled mode in the child
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice; the default anyway
+    subprocess.run([sys.executable, "-c", COMPILE], check=True, env=env, timeout=600)

@@ -1,0 +1,135 @@
+"""The engine on the Triton kernels (SPEEDX_KERNELS=triton; interpreter on CPU) gives the torch path's
+greedy tokens, and importing speedx never needs triton."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import make_llm, random_prompts
+
+from speedx import SamplingParams
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    from speedx.kernels.triton_jit import import_triton, interpreter_active
+
+    # Interpreter mode is fixed at triton's first import (see test_triton_attention.py).
+    import_triton(interpret=not torch.cuda.is_available())
+    INTERPRETED = interpreter_active()
+else:
+    INTERPRETED = False
+cpu_only = pytest.mark.skipif(not INTERPRETED, reason="needs triton imported in interpreter mode")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA (compiled Triton)")
+
+
+def generate(monkeypatch, mode, path, prompts, params, **llm_kwargs):
+    monkeypatch.setenv("SPEEDX_KERNELS", mode)  # read when the model is built and per sampling call
+    llm = make_llm(path, **llm_kwargs)
+    return [[s.token_ids for s in out.outputs] for out in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@cpu_only
+def test_greedy_engine_triton_equals_torch(monkeypatch, tiny_llama):
+    path, _, tok = tiny_llama
+    prompts = random_prompts(len(tok), [5, 11], seed=11)
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    # max_num_batched_tokens=7: chunked prefill, so steps mix decodes, chunks and whole prompts
+    expected = generate(monkeypatch, "torch", path, prompts, params, max_num_batched_tokens=7)
+    calls = spy_on_triton(monkeypatch)
+    assert generate(monkeypatch, "triton", path, prompts, params, max_num_batched_tokens=7) == expected
+    assert all(calls.values()), calls  # the Triton kernels really ran
+
+
+def spy_on_triton(monkeypatch) -> dict[str, int]:
+    from speedx.kernels import triton_attention, triton_kv_store, triton_sampling
+
+    calls = {}
+    for module, name in [
+        (triton_attention, "paged_attention_triton"),
+        (triton_kv_store, "store_kvcache_triton"),
+        (triton_sampling, "sample_tokens_from_uniforms_triton"),
+    ]:
+        calls[name] = 0
+
+        def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@cpu_only
+def test_seeded_request_same_tokens_alone_or_batched(monkeypatch, tiny_llama):
+    path, _, tok = tiny_llama
+    prompts = random_prompts(len(tok), [6, 9], seed=12)
+    params = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, max_tokens=3, seed=77)
+    alone = generate(monkeypatch, "triton", path, prompts[:1], params)
+    batched = generate(monkeypatch, "triton", path, prompts[::-1], params)
+    assert batched[1] == alone[0]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_greedy_engine_gpu_triton_equals_torch(monkeypatch, tiny_llama):
+    path, _, tok = tiny_llama
+    prompts = random_prompts(len(tok), [5, 11, 40, 3], seed=13)
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    kwargs = dict(device="cuda", block_size=16, max_num_batched_tokens=24)
+    expected = generate(monkeypatch, "torch", path, prompts, params, **kwargs)
+    assert generate(monkeypatch, "auto", path, prompts, params, **kwargs) == expected
+
+
+def test_speedx_imports_and_runs_on_cpu_without_triton():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # as if not installed: import fails, find_spec gives None
+        import torch, speedx, speedx.kernels, speedx.models.attention, speedx.engine.sampler
+        from speedx.kernels import dispatch
+        assert not dispatch.triton_available()
+        assert not dispatch.use_triton(torch.device("cuda"), "auto")
+        k = torch.randn(3, 2, 8); cache = torch.zeros(4, 4, 2, 8)
+        dispatch.store_kvcache(k, k, cache, cache.clone(), torch.tensor([0, -1, 5]))
+        assert torch.equal(cache.view(-1, 2, 8)[5], k[2])
+        try:
+            dispatch.use_triton(torch.device("cpu"), "triton")
+        except RuntimeError as e:
+            assert "triton" in str(e)
+        else:
+            raise AssertionError("SPEEDX_KERNELS=triton without triton must fail loudly")
+        assert sys.modules["triton"] is None
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_cpu_path_never_imports_triton():
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from speedx.engine.sampler import sample_tokens
+        from speedx.kernels import paged_attention, store_kvcache
+        cache = torch.zeros(4, 4, 2, 8)
+        store_kvcache(torch.randn(3, 2, 8), torch.randn(3, 2, 8), cache, cache.clone(), torch.tensor([0, 1, 2]))
+        table, cu, lens = torch.tensor([[0]], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)
+        paged_attention(torch.randn(3, 4, 8), cache, cache, table, cu, lens, 0.3)
+        one = torch.ones(2)
+        sample_tokens(torch.randn(2, 9), one, torch.zeros(2, dtype=torch.long), one, 0 * one, 0.5 * one.double())
+        assert "triton" not in sys.modules, "the CPU path imported triton"
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_bad_mode_is_refused(monkeypatch):
+    from speedx.kernels.dispatch import kernel_mode
+
+    monkeypatch.setenv("SPEEDX_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="SPEEDX_KERNELS"):
+        kernel_mode()
