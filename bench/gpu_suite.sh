@@ -4,13 +4,14 @@
 # (.venv if present, else $PYTHON, else python3) and writes results under bench/results/.
 #
 #   bash bench/gpu_suite.sh                 # everything
-#   SKIP_8B=1 bash bench/gpu_suite.sh       # without the Llama-3-8B-shaped throughput run
+#   SKIP_8B=1 bash bench/gpu_suite.sh       # without the Llama-3-8B-shaped throughput runs
+#   SKIP_TESTS=1 SKIP_KERNELS=1 ...         # without the GPU tests / the kernel benchmarks
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-OUT=bench/results
-mkdir -p "$OUT"
+RESULTS=${RESULTS:-bench/results}
+mkdir -p "$RESULTS"
 status=0
 step() { echo; echo "=== $*"; "$@" || { echo "!!! failed: $*"; status=1; }; }
 
@@ -18,15 +19,15 @@ nvidia-smi -L || true
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 # 1. The @gpu tests: compiled Triton kernels on CUDA (bf16 and fp32) against the twins.
-step "$PY" -m pytest -q -m gpu tests/
+[ -z "${SKIP_TESTS:-}" ] && step "$PY" -m pytest -q -m gpu tests/
 
 # 2. Kernel benchmarks (do_bench medians, bandwidth vs a measured device copy).
-step "$PY" bench/kernels.py --out "$OUT/kernels.json"
+[ -z "${SKIP_KERNELS:-}" ] && step "$PY" bench/kernels.py --out "$RESULTS/kernels.json"
 
 # 3. End-to-end throughput on the embedded default model (if its package is installed), both kernel paths.
 if "$PY" -c "from speedx.models.default_model import default_model_path; default_model_path()" 2>/dev/null; then
-    step env SPEEDX_KERNELS=auto "$PY" bench/throughput.py --out "$OUT/throughput_gpu_default_triton.json"
-    step env SPEEDX_KERNELS=torch "$PY" bench/throughput.py --skip-hf --out "$OUT/throughput_gpu_default_torch.json"
+    step env SPEEDX_KERNELS=auto "$PY" bench/throughput.py --out "$RESULTS/throughput_gpu_default_triton.json"
+    step env SPEEDX_KERNELS=torch "$PY" bench/throughput.py --skip-hf --out "$RESULTS/throughput_gpu_default_torch.json"
 fi
 
 # 4. A randomly initialised Llama-3-8B-shaped checkpoint (bench/throughput.py needs a model directory).
@@ -82,12 +83,19 @@ for layer in range(c["num_hidden_layers"]):
 print("wrote", out)
 EOF
     fi
-    for mode in auto torch; do
-        step env SPEEDX_KERNELS=$mode "$PY" bench/throughput.py --model "$MODEL_DIR" --skip-hf \
-            --num-prompts 256 --prompt-len 80 --output-len 256 --repeats 3 \
-            --out "$OUT/throughput_llama3_8b_random_$mode.json"
+    M8B="$PY bench/throughput.py --model $MODEL_DIR --repeats 1 --max-num-batched-tokens 8192"
+    # nano-vllm's workload: 1,000 prompts, input and output lengths drawn from 100-1024, EOS ignored.
+    step env SPEEDX_KERNELS=auto $M8B --workload random --num-prompts 1000 --out "$RESULTS/throughput_8b_random.json"
+    # The fixed 1024-in / 1024-out grid, with transformers.generate timed on 16 of the prompts.
+    step env SPEEDX_KERNELS=auto $M8B --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 \
+        --hf-num-prompts 16 --out "$RESULTS/throughput_8b_1024x1024.json"
+    # What CUDA graphs and the Triton kernels buy: the same short run eager, and on the PyTorch twins.
+    for variant in "auto --enforce-eager" "torch --enforce-eager" "auto"; do
+        set -- $variant
+        step env SPEEDX_KERNELS=$1 $M8B --workload fixed --num-prompts 64 --prompt-len 256 --output-len 256 --skip-hf \
+            ${2:-} --out "$RESULTS/throughput_8b_short_$1${2:+_eager}.json"
     done
 fi
 
-echo; echo "results in $OUT/ (exit status $status)"
+echo; echo "results in $RESULTS/ (exit status $status)"
 exit $status

@@ -1,11 +1,18 @@
 """Output tokens/s of speedx next to Hugging Face `transformers.generate` (and vLLM if installed).
 
 Same model weights, dtype, prompts and forced output length for every contender; medians over
-repeats; JSON out. Default workload (the engine-core target): the embedded SmolLM2-135M-Instruct
-in bf16, 64 copies of an 80-token chat prompt, 128 new tokens each.
+repeats; JSON out. Workloads:
+  chat   (default; the engine-core target) copies of one chat prompt of --prompt-len tokens;
+  random nano-vllm's: random token ids, input and output lengths drawn from [100, 1024]
+         (--min-len/--max-len), EOS ignored; transformers is skipped (it would pad every prompt);
+  fixed  random token ids, exactly --prompt-len in and --output-len out (the 1024/1024 grid).
+On CUDA it also prints the roofline fraction: a lower bound on the run's time (every decode step
+reads all weights once, every output token reads its context's KV once, prefill at peak bf16
+FLOP/s, all at the measured copy bandwidth / matmul rate) over the measured time.
 
     python bench/throughput.py                       # default workload
     python bench/throughput.py --num-prompts 256 --output-len 256 --repeats 5 --skip-hf
+    python bench/throughput.py --model DIR --workload random --num-prompts 1000 --skip-hf
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -72,14 +80,52 @@ def hf_model_like(model_path, dtype: torch.dtype, device: str):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def time_speedx(llm: LLM, prompts, output_len: int) -> float:
+def random_prompts(num: int, lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths[:num]]
+
+
+def time_speedx(llm: LLM, prompts, output_lens: list[int]) -> tuple[float, int]:
+    """Seconds and engine steps for one run."""
     llm.engine.pool.reset_prefix_cache()  # sharing within a run counts; carry-over between repeats does not
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    steps = 0
+    step = llm.engine.step
+
+    def counted_step():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    llm.engine.step = counted_step
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
-    return elapsed
+    llm.engine.step = step
+    assert [len(o.outputs[0].token_ids) for o in outputs] == list(output_lens)
+    return elapsed, steps
+
+
+def roofline_seconds(llm: LLM, prompts, output_lens, steps: int) -> dict:
+    """Lower bound on a run's GPU time from measured bandwidth and matmul rate (see the docstring)."""
+    n = 1 << 28
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    import triton.testing
+
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src))
+    mm_ms = triton.testing.do_bench(lambda: a @ a)
+    bandwidth = 2 * n / (copy_ms * 1e-3)  # bytes read + written per second
+    flops = 2 * 8192**3 / (mm_ms * 1e-3)
+    model = llm.engine.runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    kv_per_token = llm.engine.runner.kv_bytes_per_token(model.config, llm.dtype)
+    kv_bytes = sum(kv_per_token * (len(p) * o + o * (o + 1) // 2) for p, o in zip(prompts, output_lens))
+    prefill_tokens = sum(len(p) for p in prompts)
+    params = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    seconds = (steps * weight_bytes + kv_bytes) / bandwidth + 2 * params * prefill_tokens / flops
+    return {"seconds": seconds, "copy_GB_per_s": bandwidth / 1e9, "bf16_TFLOP_per_s": flops / 1e12, "steps": steps}
 
 
 @torch.inference_mode()
@@ -117,28 +163,52 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--workload", choices=["chat", "random", "fixed"], default="chat")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=80)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--min-len", type=int, default=100, help="random workload: shortest input/output")
+    parser.add_argument("--max-len", type=int, default=1024, help="random workload: longest input/output")
+    parser.add_argument("--hf-num-prompts", type=int, default=0, help="time transformers on this many prompts (0: all)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", default="bench/results/throughput.json")
     args = parser.parse_args()
 
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
     device = str(llm.device)
-    prompt = chat_prompt(llm, args.prompt_len)
-    prompts = [prompt] * args.num_prompts
-    total_out = args.num_prompts * args.output_len
-    print(f"{args.num_prompts} prompts x {len(prompt)} tokens in, {args.output_len} out, {args.dtype} on {device_name(device)}")
+    vocab = llm.engine.vocab_size
+    if args.workload == "random":
+        rng = random.Random(1)
+        prompt_lens = [rng.randint(args.min_len, args.max_len) for _ in range(args.num_prompts)]
+        output_lens = [rng.randint(args.min_len, args.max_len) for _ in range(args.num_prompts)]
+        prompts = random_prompts(args.num_prompts, prompt_lens, vocab)
+    else:
+        prompt = chat_prompt(llm, args.prompt_len) if args.workload == "chat" else None
+        prompts = [prompt] * args.num_prompts if prompt else random_prompts(args.num_prompts, [args.prompt_len] * args.num_prompts, vocab)
+        output_lens = [args.output_len] * args.num_prompts
+    total_out = sum(output_lens)
+    print(f"{args.workload}: {args.num_prompts} prompts, {sum(map(len, prompts))} tokens in, {total_out} out, "
+          f"{args.dtype} on {device_name(device)}")
 
-    time_speedx(llm, prompts[:4], 4)  # warm-up
-    results = {"speedx": [time_speedx(llm, prompts, args.output_len) for _ in range(args.repeats)]}
+    time_speedx(llm, prompts[:4], [4] * len(prompts[:4]))  # warm-up
+    runs = [time_speedx(llm, prompts, output_lens) for _ in range(args.repeats)]
+    results = {"speedx": [seconds for seconds, _ in runs]}
+    roofline = roofline_seconds(llm, prompts, output_lens, runs[0][1]) if device.startswith("cuda") else None
     del llm
+    if args.workload == "random":
+        args.skip_hf = True  # per-prompt lengths: transformers would pad every prompt and output
     if not args.skip_hf:
+        hf_prompts = prompts[: args.hf_num_prompts or None]
         hf = hf_model_like(args.model, getattr(torch, args.dtype), device)
-        time_hf(hf, prompts[:4], 4, device)
-        results["transformers"] = [time_hf(hf, prompts, args.output_len, device) for _ in range(args.repeats)]
+        time_hf(hf, hf_prompts[:4], 4, device)
+        # speedx's time for the same subset is scaled by token count: tok/s is what is compared.
+        results["transformers"] = [time_hf(hf, hf_prompts, args.output_len, device) * len(prompts) / len(hf_prompts)
+                                   for _ in range(args.repeats)]
         del hf
     vllm_times = time_vllm(args.model, prompts, args.output_len, args.dtype, args.repeats)
     if vllm_times:
@@ -146,13 +216,18 @@ def main() -> None:
 
     report = {
         "device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
-        "num_prompts": args.num_prompts, "prompt_len": len(prompt), "output_len": args.output_len, "contenders": {},
+        "workload": args.workload, "num_prompts": args.num_prompts, "input_tokens": sum(map(len, prompts)),
+        "output_tokens": total_out, "cuda_graphs": not args.enforce_eager, "contenders": {},
     }
     print(f"{'engine':<14}{'median s':>10}{'out tok/s':>12}")
     for name, times in results.items():
         median = statistics.median(times)
         report["contenders"][name] = {"seconds": times, "median_seconds": median, "output_tokens_per_s": total_out / median}
         print(f"{name:<14}{median:>10.2f}{total_out / median:>12.1f}")
+    if roofline:
+        fraction = roofline["seconds"] / statistics.median(results["speedx"])
+        report["roofline"] = {**roofline, "fraction": fraction}
+        print(f"roofline: {roofline['seconds']:.2f} s lower bound ({roofline['steps']} steps) = {fraction:.0%} of speedx's time")
     if "transformers" in results:
         ratio = statistics.median(results["transformers"]) / statistics.median(results["speedx"])
         report["speedup_vs_transformers"] = ratio

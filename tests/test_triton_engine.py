@@ -85,6 +85,36 @@ def test_greedy_engine_gpu_triton_equals_torch(monkeypatch, tiny_llama):
     assert generate(monkeypatch, "auto", path, prompts, params, **kwargs) == expected
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_decode_equals_eager(monkeypatch, tiny_llama):
+    """Graph replay (padded lanes, batch shrinking down the ladder, n=2 forks, seeded sampling) gives
+    the eager engine's tokens."""
+    from speedx.engine.cuda_graphs import DecodeGraphs
+
+    path, _, tok = tiny_llama
+    prompts = random_prompts(len(tok), [5, 11, 40, 3, 17, 9, 23, 6, 30, 12, 8, 2, 14], seed=14)
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 3 * i) for i in range(len(prompts) - 2)]
+    params += [SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=20, n=2),
+               SamplingParams(temperature=1.0, top_k=10, seed=6, max_tokens=25)]
+    kwargs = dict(device="cuda", max_num_seqs=12, max_num_batched_tokens=64)
+    eager = generate(monkeypatch, "auto", path, prompts, params, enforce_eager=True, **kwargs)
+    replays = []
+    real_run = DecodeGraphs.run
+    monkeypatch.setattr(DecodeGraphs, "run", lambda self, ids, *a: replays.append(len(ids)) or real_run(self, ids, *a))
+    assert generate(monkeypatch, "auto", path, prompts, params, **kwargs) == eager
+    assert len(set(replays)) > 3, replays  # many batch sizes, padded up to the captured ones
+
+
+def test_graph_batch_ladder_covers_every_size():
+    from speedx.engine.cuda_graphs import batch_size_ladder
+
+    for max_batch in (1, 3, 16, 20, 256):
+        sizes = batch_size_ladder(max_batch)
+        assert sizes == sorted(set(sizes)) and sizes[-1] == max_batch
+        assert all(next(s for s in sizes if s >= n) - n < 16 for n in range(1, max_batch + 1))
+
+
 def test_speedx_imports_and_runs_on_cpu_without_triton():
     code = textwrap.dedent(
         """

@@ -39,6 +39,8 @@ class LLM:
     model: "default" (embedded SmolLM2-135M-Instruct), a Hugging Face directory, or a .gguf file.
     kv_cache_memory: KV cache size such as "4GiB" (default: 2GiB on CPU, the share of GPU memory
     given by gpu_memory_utilization on CUDA). tokenizer: take the tokenizer from another path.
+    enforce_eager: on CUDA, skip capturing CUDA graphs for decode steps (they are captured by default
+    when the Triton kernels are in use; capture takes a few seconds and some GPU memory).
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class LLM:
         seed: int = 0,
         device: str | None = None,
         tokenizer: str | None = None,
+        enforce_eager: bool = False,
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be >= 1")
@@ -90,6 +93,11 @@ class LLM:
                                 max_num_seqs, max_num_batched_tokens, seed)
         self.model_name = str(model)
         self.max_model_len = max_model_len
+        if not enforce_eager:
+            start = time.perf_counter()
+            if self.engine.runner.capture_decode_graphs(max_num_seqs, max_model_len):
+                logger.info("captured CUDA graphs for decode batches up to %d in %.1f s", max_num_seqs,
+                            time.perf_counter() - start)
         logger.info(
             "model %s (%s, %d layers) dtype %s on %s; KV cache %d tokens (%.2f GiB, blocks of %d); "
             "max concurrency %.1f sequences of %d tokens",

@@ -6,10 +6,12 @@ import numpy as np
 import torch
 
 from speedx._C import BlockPool
+from speedx.engine.cuda_graphs import DecodeGraphs
 from speedx.engine.sampler import counter_uniform, sample_tokens
 from speedx.engine.scheduler import ScheduledBatch
 from speedx.engine.sequence import Sequence
 from speedx.engine.structured_output import GrammarMask
+from speedx.kernels.dispatch import use_triton
 from speedx.models.attention import AttentionMetadata
 from speedx.models.llama import LlamaForCausalLM
 
@@ -27,6 +29,17 @@ class ModelRunner:
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]
         self.grammar_mask: GrammarMask | None = None  # the engine sets it on the first json_schema request
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> bool:
+        """CUDA graphs for decode steps up to max_batch sequences. Only on CUDA with the Triton kernels
+        (the PyTorch twins read lengths on the host, which a graph cannot). Returns whether it captured."""
+        if self.device.type != "cuda" or not use_triton(self.device, self.model.layers[0].self_attn.kernel_mode):
+            return False
+        max_blocks = -(-max_model_len // self.pool.block_size)
+        self.decode_graphs = DecodeGraphs(self.model, max_batch, max_blocks, self.device)
+        self.decode_graphs.capture()
+        return True
 
     @staticmethod
     def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
@@ -75,6 +88,11 @@ class ModelRunner:
         prompt is still being prefilled in chunks, n tokens when an n-sample prompt completes."""
         self._copy_on_write()
         input_ids, positions, meta, cu_seqlens = self._prepare(batch)
+        seqs = batch.sequences
+        one_sample_each = all(s.num_computed_tokens == s.num_tokens - 1 and not s.pending_forks for s in seqs)
+        if self.decode_graphs and one_sample_each and self.decode_graphs.fits(len(seqs), meta.block_tables.shape[1]):
+            logits = self.decode_graphs.run(input_ids, positions, meta.slot_mapping, meta.kv_lens, meta.block_tables)
+            return [[t] for t in self._sample(logits, [(s, 0) for s in seqs]).tolist()]
         hidden = self.model(input_ids, positions, meta)
 
         last_rows, rows_of = [], []  # rows of `hidden` to sample from; which sequence/sample each is
