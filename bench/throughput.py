@@ -85,10 +85,10 @@ def random_prompts(num: int, lengths: list[int], vocab: int, seed: int = 0) -> l
     return [[rng.randrange(vocab) for _ in range(n)] for n in lengths[:num]]
 
 
-def time_speedx(llm: LLM, prompts, output_lens: list[int]) -> tuple[float, int]:
+def time_speedx(llm: LLM, prompts, output_lens: list[int], temperature=0.0, top_p=1.0) -> tuple[float, int]:
     """Seconds and engine steps for one run."""
     llm.engine.pool.reset_prefix_cache()  # sharing within a run counts; carry-over between repeats does not
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=n, ignore_eos=True) for n in output_lens]
     steps = 0
     step = llm.engine.step
 
@@ -171,6 +171,9 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=1024, help="random workload: longest input/output")
     parser.add_argument("--hf-num-prompts", type=int, default=0, help="time transformers on this many prompts (0: all)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--temperature", type=float, default=0.0, help="speedx only (transformers stays greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="speedx only")
+    parser.add_argument("--profile", metavar="FILE", help="also write a cProfile (host time) of one more speedx run")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
@@ -195,9 +198,19 @@ def main() -> None:
     print(f"{args.workload}: {args.num_prompts} prompts, {sum(map(len, prompts))} tokens in, {total_out} out, "
           f"{args.dtype} on {device_name(device)}")
 
-    time_speedx(llm, prompts[:4], [4] * len(prompts[:4]))  # warm-up
-    runs = [time_speedx(llm, prompts, output_lens) for _ in range(args.repeats)]
+    time_speedx(llm, prompts, [4] * len(prompts))  # warm-up: every prefill shape of the run, compiled once
+    runs = [time_speedx(llm, prompts, output_lens, args.temperature, args.top_p) for _ in range(args.repeats)]
     results = {"speedx": [seconds for seconds, _ in runs]}
+    if args.profile:
+        import cProfile
+        import io
+        import pstats
+
+        with cProfile.Profile() as profiler:
+            time_speedx(llm, prompts, output_lens, args.temperature, args.top_p)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+        Path(args.profile).write_text(text.getvalue())
     roofline = roofline_seconds(llm, prompts, output_lens, runs[0][1]) if device.startswith("cuda") else None
     del llm
     if args.workload == "random":
@@ -217,7 +230,7 @@ def main() -> None:
     report = {
         "device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
         "workload": args.workload, "num_prompts": args.num_prompts, "input_tokens": sum(map(len, prompts)),
-        "output_tokens": total_out, "cuda_graphs": not args.enforce_eager, "contenders": {},
+        "output_tokens": total_out, "temperature": args.temperature, "top_p": args.top_p, "cuda_graphs": not args.enforce_eager, "contenders": {},
     }
     print(f"{'engine':<14}{'median s':>10}{'out tok/s':>12}")
     for name, times in results.items():

@@ -24,7 +24,7 @@ import triton.language as tl  # noqa: E402
 LOG2E = 1.4426950408889634
 
 
-@jit
+@jit(do_not_specialize=["num_seqs", "num_splits", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, kv_lens_ptr,
     part_out_ptr, part_lse_ptr,

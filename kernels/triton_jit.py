@@ -39,15 +39,19 @@ def interpreter_active() -> bool:
     return isinstance(standard.max, InterpretedFunction)
 
 
-def jit(fn):
-    """@triton.jit in the library's mode (see the module docstring)."""
+def jit(fn=None, *, do_not_specialize=()):
+    """@triton.jit in the library's mode (see the module docstring). do_not_specialize: integer
+    arguments that change from step to step (batch sizes, table widths); Triton would otherwise
+    compile a variant for each of their divisibility classes, stalling the first steps of a run."""
+    if fn is None:
+        return lambda f: jit(f, do_not_specialize=do_not_specialize)
     if interpreter_active():
         from triton.runtime.interpreter import InterpretedFunction
 
         return InterpretedFunction(fn)
     from triton.runtime.jit import JITFunction
 
-    return JITFunction(fn)
+    return JITFunction(fn, do_not_specialize=list(do_not_specialize))
 
 
 def check_device(tensor) -> None:

@@ -3,8 +3,9 @@
 Masks equal speedx.engine.sampler.mask_logits (the sort-based twin) without sorting: the top-k and
 top-p thresholds are found by a search over the logits' order-preserving int32 keys, 16 candidate
 keys per pass over the row, 8 passes each (top-k: the largest key with >= k logits at or above it,
-i.e. the k-th largest with ties kept; top-p: the smallest key whose strictly-greater mass, in
-float64 like the twin, is < top_p).
+i.e. the k-th largest with ties kept; top-p: the smallest key whose strictly-greater mass is
+< top_p, from fp32 probabilities summed in float64 per block, so it differs from the twin's float64
+only when a mass lies within ~1e-7 of top_p).
 
 The draw is an exponential race (Gumbel-max): token = argmax(logit - log E_t), E_t ~ Exp(1) from a
 SplitMix64 stream keyed by the row's 53-bit key and indexed by the token, so a row's token depends only on
@@ -93,17 +94,18 @@ def _sample_kernel(
             lo = tl.sum(tl.where(lanes == j, t, 0), 0)
         kth = lo
 
-    # Top-p over the top-k renormalised, in float64 like the twin: keep a token when the mass f of
-    # strictly more probable tokens is < top_p; f is nonincreasing in the key, so the kept tokens are
-    # those at or above the smallest key K with f(K) < top_p (f(INT32_MAX) = 0).
+    # Top-p over the top-k renormalised: keep a token when the mass f of strictly more probable tokens
+    # is < top_p; f is nonincreasing in the key, so the kept tokens are those at or above the smallest
+    # key K with f(K) < top_p (f(INT32_MAX) = 0). Probabilities are fp32 (exp on the fast unit), each
+    # block's sum is added in float64: the twin's float64 masses to ~1e-7, far cheaper than fp64 exp.
     top_p = tl.load(top_p_ptr + row).to(tl.float64)
     cut = kth
     if top_p < 1.0:
         total = tl.full((), 0.0, tl.float64)
         for start in range(0, vocab, BLOCK_V):
             x, valid, key = _load_block(row_logits, row_bitmask, start, vocab, temp, HAS_BITMASK, DRAW, BLOCK_V)
-            e = tl.exp(x.to(tl.float64) - x_max.to(tl.float64))
-            total += tl.sum(tl.where(valid & (key >= kth), e, 0.0), 0)
+            total += tl.sum(tl.where(valid & (key >= kth), tl.exp(x - x_max), 0.0), 0).to(tl.float64)
+        inv_total = (1.0 / total).to(tl.float32)
         lo = tl.full((), -2147483648, tl.int64)
         hi = tl.full((), 2147483647, tl.int64)
         for _step in range(32 // RADIX_BITS):
@@ -111,8 +113,8 @@ def _sample_kernel(
             mass = tl.zeros([RADIX], tl.float64)
             for start in range(0, vocab, BLOCK_V):
                 x, valid, key = _load_block(row_logits, row_bitmask, start, vocab, temp, HAS_BITMASK, DRAW, BLOCK_V)
-                p = tl.where(valid & (key >= kth), tl.exp(x.to(tl.float64) - x_max.to(tl.float64)) / total, 0.0)
-                mass += tl.sum(tl.where(key[:, None] > t[None, :], p[:, None], 0.0), 0)
+                p = tl.where(valid & (key >= kth), tl.exp(x - x_max) * inv_total, 0.0)
+                mass += tl.sum(tl.where(key[:, None] > t[None, :], p[:, None], 0.0), 0).to(tl.float64)
             j = tl.min(tl.where(mass < top_p, lanes, RADIX), 0)  # first t_j below top_p; RADIX: none
             prev = tl.sum(tl.where(lanes == j - 1, t, 0), 0)
             hi = tl.where(j == RADIX, hi, tl.minimum(hi, tl.sum(tl.where(lanes == j, t, 0), 0)))

@@ -125,3 +125,16 @@ def test_tiny_probabilities_are_not_truncated():
     u = torch.tensor([1.0 - probs[0, 1].item() / 2], dtype=torch.float64)
     token = sample_tokens(logits, torch.ones(1), torch.tensor([-1]), torch.ones(1), torch.zeros(1), u)
     assert int(token) == 1
+
+
+def test_counter_uniforms_equal_the_scalar_hash():
+    import random
+
+    from speedx.engine.sampler import counter_uniform, counter_uniforms
+
+    rng = random.Random()
+    rows = [(rng.randrange(2**64), rng.randrange(8), rng.randrange(10**6)) for _ in range(200)]
+    rows += [(0, 0, 0), (2**64 - 1, 3, 7), (-5, 1, 2)]  # negative seeds wrap like the scalar hash
+    seeds, samples, positions = zip(*rows)
+    expected = [counter_uniform(*row) for row in rows]
+    assert counter_uniforms(seeds, samples, positions).tolist() == expected

@@ -7,9 +7,10 @@ import torch
 
 from speedx._C import BlockPool
 from speedx.engine.cuda_graphs import DecodeGraphs
-from speedx.engine.sampler import counter_uniform, sample_tokens
+from speedx.engine.sampler import counter_uniforms, sample_tokens
 from speedx.engine.scheduler import ScheduledBatch
 from speedx.engine.sequence import Sequence
+from speedx.engine.staging import Staging
 from speedx.engine.structured_output import GrammarMask
 from speedx.kernels.dispatch import use_triton
 from speedx.models.attention import AttentionMetadata
@@ -30,6 +31,8 @@ class ModelRunner:
             layer.self_attn.v_cache = self.kv_cache[1, i]
         self.grammar_mask: GrammarMask | None = None  # the engine sets it on the first json_schema request
         self.decode_graphs: DecodeGraphs | None = None
+        self.input_staging = Staging(device)
+        self.sampling_staging = Staging(device)
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> bool:
         """CUDA graphs for decode steps up to max_batch sequences. Only on CUDA with the Triton kernels
@@ -61,7 +64,10 @@ class ModelRunner:
         input_ids = np.fromiter(
             (t for s, a, b in zip(seqs, starts, ends) for t in s.token_ids[a:b]), dtype=np.int64, count=int(ends.sum() - starts.sum())
         )
-        positions = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+        if len(input_ids) == len(seqs):  # one token each (decode): its position is its start
+            positions = starts
+        else:
+            positions = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
         seq_ids = np.fromiter((s.seq_id for s in seqs), dtype=np.int64, count=len(seqs))
         slot_mapping = np.empty(len(input_ids), dtype=np.int64)
         self.pool.build_slot_mapping(seq_ids, starts, ends, slot_mapping)
@@ -71,16 +77,11 @@ class ModelRunner:
         cu_seqlens = np.zeros(len(seqs) + 1, dtype=np.int32)
         np.cumsum(counts, out=cu_seqlens[1:])
 
-        def to_device(array):
-            return torch.from_numpy(array).to(self.device, non_blocking=True)
-
-        meta = AttentionMetadata(
-            slot_mapping=to_device(slot_mapping),
-            cu_seqlens_q=to_device(cu_seqlens),
-            kv_lens=to_device(ends.astype(np.int32)),
-            block_tables=to_device(block_tables),
+        ids, pos, slots, cu, lens, tables = self.input_staging.to_device(
+            input_ids, positions, slot_mapping, cu_seqlens, ends.astype(np.int32), block_tables
         )
-        return to_device(input_ids), to_device(positions), meta, cu_seqlens
+        meta = AttentionMetadata(slot_mapping=slots, cu_seqlens_q=cu, kv_lens=lens, block_tables=tables)
+        return ids, pos, meta, cu_seqlens
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[list[int]]:
@@ -121,18 +122,17 @@ class ModelRunner:
         if self.grammar_mask is not None:
             self.grammar_mask.apply(logits, [seq.matcher for seq, _ in rows])
 
-        def column(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
         params = [seq.params for seq, _ in rows]
-        uniforms = [
-            counter_uniform(seq.request.seed, seq.sample_index + sample, seq.num_tokens) for seq, sample in rows
-        ]
-        return sample_tokens(
-            logits,
-            column([p.temperature for p in params], torch.float32),
-            column([p.top_k for p in params], torch.int64),
-            column([p.top_p for p in params], torch.float32),
-            column([p.min_p for p in params], torch.float32),
-            column(uniforms, torch.float64),
+
+        def column(field, dtype):
+            return np.fromiter((getattr(p, field) for p in params), dtype=dtype, count=len(params))
+
+        uniforms = counter_uniforms(
+            [seq.request.seed for seq, _ in rows], [seq.sample_index + sample for seq, sample in rows],
+            [seq.num_tokens for seq, _ in rows],
         )
+        temperature, top_k, top_p, min_p, uniforms = self.sampling_staging.to_device(
+            column("temperature", np.float32), column("top_k", np.int64), column("top_p", np.float32),
+            column("min_p", np.float32), uniforms,
+        )
+        return sample_tokens(logits, temperature, top_k, top_p, min_p, uniforms)

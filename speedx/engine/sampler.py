@@ -7,6 +7,7 @@ CDF with a 53-bit uniform, so even tiny probabilities keep their exact share.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from speedx.kernels.dispatch import use_triton
@@ -25,6 +26,22 @@ def counter_uniform(seed: int, sample_index: int, position: int) -> float:
     """A uniform in [0, 1) that depends only on its three arguments."""
     x = splitmix64((seed & _MASK64) ^ splitmix64(sample_index ^ splitmix64(position)))
     return (x >> 11) * 2.0**-53
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)  # uint64 arithmetic wraps like the & _MASK64 above
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_uniforms(seeds, sample_indices, positions) -> np.ndarray:
+    """counter_uniform over whole rows at once (float64 array)."""
+    seeds = np.fromiter((s & _MASK64 for s in seeds), dtype=np.uint64)
+    sample_indices = np.asarray(sample_indices, dtype=np.uint64)
+    positions = np.asarray(positions, dtype=np.uint64)
+    x = _splitmix64_array(seeds ^ _splitmix64_array(sample_indices ^ _splitmix64_array(positions)))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def mask_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
