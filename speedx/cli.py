@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"generate": "speedx.generate", "demo": "speedx.demo"}
+COMMANDS = {"generate": "speedx.generate", "demo": "speedx.demo", "mine": "speedx.embed.mine", "eval": "speedx.eval"}
 
 
 def main(argv: list[str] | None = None) -> None:
