@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"generate": "speedx.generate", "demo": "speedx.demo", "mine": "speedx.embed.mine", "eval": "speedx.eval"}
+COMMANDS = {"generate": "speedx.generate", "demo": "speedx.demo", "mine": "speedx.embed.mine", "train": "speedx.train",
+            "eval": "speedx.eval"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,10 +4,14 @@ evaluation with MTEB (imported on first use: mteb takes seconds to import)."""
 from speedx.embed.losses import InfoNCELoss, false_negative_mask, infonce_loss, infonce_torch
 from speedx.embed.mining import build_corpus, mine_hard_negatives, select_negatives
 
-_LAZY = {"evaluate_model": "speedx.embed.evaluation", "EvalInputError": "speedx.embed.evaluation"}
+_LAZY = {
+    "evaluate_model": "speedx.embed.evaluation", "EvalInputError": "speedx.embed.evaluation",
+    "TrainConfig": "speedx.embed.trainer", "train_embedder": "speedx.embed.trainer",
+    "CachedInfoNCELoss": "speedx.embed.trainer", "run_scaling": "speedx.embed.scaling",
+}
 
 __all__ = [
-    "EvalInputError", "InfoNCELoss", "build_corpus", "evaluate_model", "false_negative_mask", "infonce_loss",
+    "CachedInfoNCELoss", "EvalInputError", "InfoNCELoss", "TrainConfig", "run_scaling", "train_embedder", "build_corpus", "evaluate_model", "false_negative_mask", "infonce_loss",
     "infonce_torch", "mine_hard_negatives", "select_negatives",
 ]
 
