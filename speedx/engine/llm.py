@@ -17,6 +17,7 @@ from speedx.engine.outputs import CompletionOutput, RequestOutput
 from speedx.engine.sampling_params import SamplingParams
 from speedx.models.layers import widen_cpu_matmuls
 from speedx.models.llama import LlamaForCausalLM
+from speedx.models.lora import LoRAAdapter
 from speedx.models.loader import is_gguf, load_config_and_weights, load_tokenizer, resolve_model_path
 
 logger = logging.getLogger("speedx")
@@ -39,6 +40,7 @@ class LLM:
     model: "default" (embedded SmolLM2-135M-Instruct), a Hugging Face directory, or a .gguf file.
     kv_cache_memory: KV cache size such as "4GiB" (default: 2GiB on CPU, the share of GPU memory
     given by gpu_memory_utilization on CUDA). tokenizer: take the tokenizer from another path.
+    lora: a PEFT LoRA adapter directory trained on this model, merged into the weights at load.
     enforce_eager: on CUDA, skip capturing CUDA graphs for decode steps (they are captured by default
     when the Triton kernels are in use; capture takes a few seconds and some GPU memory).
     """
@@ -58,12 +60,15 @@ class LLM:
         device: str | None = None,
         tokenizer: str | None = None,
         enforce_eager: bool = False,
+        lora: str | None = None,
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be >= 1")
         path = resolve_model_path(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         config, weights = load_config_and_weights(path)
+        if lora is not None:
+            weights = LoRAAdapter.load(lora).merge(weights)
         self.dtype = _resolve_dtype(dtype, path)
         limit = min(config.max_position_embeddings, config.sliding_window or config.max_position_embeddings)
         if max_model_len is not None and max_model_len > limit:
@@ -91,7 +96,7 @@ class LLM:
         self.tokenizer = load_tokenizer(resolve_model_path(tokenizer) if tokenizer else path)
         self.engine = LLMEngine(net, self.tokenizer, pool, self.device, self.dtype, max_model_len,
                                 max_num_seqs, max_num_batched_tokens, seed)
-        self.model_name = str(model)
+        self.model_name = str(model) + (f" + LoRA {lora}" if lora else "")
         self.max_model_len = max_model_len
         if not enforce_eager:
             start = time.perf_counter()
@@ -101,7 +106,7 @@ class LLM:
         logger.info(
             "model %s (%s, %d layers) dtype %s on %s; KV cache %d tokens (%.2f GiB, blocks of %d); "
             "max concurrency %.1f sequences of %d tokens",
-            model, config.model_type, config.num_hidden_layers, str(self.dtype).removeprefix("torch."), self.device,
+            self.model_name, config.model_type, config.num_hidden_layers, str(self.dtype).removeprefix("torch."), self.device,
             capacity, num_blocks * block_size * bytes_per_token / 2**30, block_size, capacity / max_model_len, max_model_len,
         )
 
