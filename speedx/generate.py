@@ -16,14 +16,15 @@ from speedx.synth.families import DEFAULT_MIX, parse_families, parse_mix
 
 EXIT_BAD_INPUT = 2
 # Settings that must match for a re-run to resume a run directory (num_examples may grow).
-RESUME_KEYS = ("model", "families", "mix", "seed", "temperature", "top_p", "max_tokens", "tasks", "topics",
-               "num_topics", "revisor", "json_mode", "shard")
+RESUME_KEYS = ("model", "lora", "families", "mix", "seed", "temperature", "top_p", "max_tokens", "tasks", "topics",
+               "num_topics", "revisor", "revisor_lora", "json_mode", "shard")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m speedx.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="generator: 'default', a HF directory or a .gguf file")
+    p.add_argument("--lora", default=None, help="PEFT LoRA adapter of the generator, merged at load")
     p.add_argument("--families", default=None, help="comma list of retrieval, classification, sts, short_short, "
                    "long_long, bitext (default: all but bitext)")
     p.add_argument("--mix", default=DEFAULT_MIX, help="family weights: classification:sts:retrieval:matching "
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-topics", type=int, default=None, help="topics to brainstorm tasks for "
                    "(default: num_examples / 4, at least 4)")
     p.add_argument("--revisor", default=None, help="model that revises each example once (a second pass)")
+    p.add_argument("--revisor-lora", default=None, help="PEFT LoRA adapter of the revisor, merged at load")
     p.add_argument("--shard", default="0/1", help="i/n: this process does example slots s with s %% n == i")
     p.add_argument("--json-mode", choices=("constrained", "repair"), default="constrained",
                    help="constrained: grammar-masked decoding (always valid JSON); repair: lenient parsing")
@@ -77,6 +79,11 @@ def check_arguments(args) -> dict:
         raise ValueError("--max-tokens must be >= 16: an example needs room for its JSON")
     if args.max_attempts < 1:
         raise ValueError("--max-attempts must be >= 1")
+    if args.revisor_lora and not args.revisor:
+        raise ValueError("--revisor-lora needs --revisor (the base model the adapter was trained on)")
+    for flag, adapter in (("--lora", args.lora), ("--revisor-lora", args.revisor_lora)):
+        if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+            raise ValueError(f"{flag} {adapter}: not a PEFT adapter directory (no adapter_config.json)")
     shard = parse_shard(args.shard)
     tasks = load_tasks_file(args.tasks, families) if args.tasks else None
     topics = None if tasks else load_topics(args.topics)

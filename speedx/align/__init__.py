@@ -1,0 +1,1 @@
+"""SPEED alignment: teacher client, junior SFT, judge + DPO senior, revisor, final synthesis."""
