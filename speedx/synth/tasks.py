@@ -104,7 +104,7 @@ def brainstorm_tasks(llm, families: list[Family], topics: list[str], num_topics:
         topic, family = jobs[index]
         stats["output_tokens"] += out.num_output_tokens
         stats["prompt_tokens"] += out.num_prompt_tokens
-        candidates = _task_candidates(out.outputs[0].text if out.error is None else "")
+        candidates = task_candidates(out.outputs[0].text if out.error is None else "")
         kept = None
         for text in candidates:
             if seen.check_and_add(f"{family.name}:{text}", f"{family.name} {text}") is None:
@@ -118,7 +118,7 @@ def brainstorm_tasks(llm, families: list[Family], topics: list[str], num_topics:
     return tasks, stats
 
 
-def _task_candidates(text: str) -> list[str]:
+def task_candidates(text: str) -> list[str]:
     try:
         items = parse_json_object(text).get("tasks", [])
     except JSONRepairError:

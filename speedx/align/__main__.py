@@ -1,0 +1,5 @@
+import sys
+
+from speedx.align.cli import main
+
+sys.exit(main())
