@@ -1,24 +1,22 @@
 """Training embedding models on the synthesized data: the fused InfoNCE loss, hard-negative mining,
-evaluation with MTEB (imported on first use: mteb takes seconds to import)."""
+the trainer, evaluation with MTEB. Only the loss is imported eagerly: faiss, mteb and the trainer
+load on first use (mteb alone takes seconds to import)."""
+
+import importlib
 
 from speedx.embed.losses import InfoNCELoss, false_negative_mask, infonce_loss, infonce_torch
-from speedx.embed.mining import build_corpus, mine_hard_negatives, select_negatives
 
 _LAZY = {
-    "evaluate_model": "speedx.embed.evaluation", "EvalInputError": "speedx.embed.evaluation",
-    "TrainConfig": "speedx.embed.trainer", "train_embedder": "speedx.embed.trainer",
-    "CachedInfoNCELoss": "speedx.embed.trainer", "run_scaling": "speedx.embed.scaling",
+    "mine_hard_negatives": "mining", "select_negatives": "mining", "build_corpus": "mining",
+    "evaluate_model": "evaluation", "EvalInputError": "evaluation",
+    "TrainConfig": "trainer", "train_embedder": "trainer", "CachedInfoNCELoss": "trainer",
+    "run_scaling": "scaling",
 }
 
-__all__ = [
-    "CachedInfoNCELoss", "EvalInputError", "InfoNCELoss", "TrainConfig", "run_scaling", "train_embedder", "build_corpus", "evaluate_model", "false_negative_mask", "infonce_loss",
-    "infonce_torch", "mine_hard_negatives", "select_negatives",
-]
+__all__ = ["InfoNCELoss", "false_negative_mask", "infonce_loss", "infonce_torch", *sorted(_LAZY)]
 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(f"speedx.embed.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'speedx.embed' has no attribute {name!r}")
