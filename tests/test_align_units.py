@@ -17,7 +17,7 @@ from speedx.align.stages import Context, judge, write_jsonl
 def test_presets_and_file_overrides(tmp_path):
     tiny = load_config(preset="tiny")
     assert tiny.teacher.base_url == "local" and tiny.counts.seed_examples == PRESETS["tiny"]["counts"]["seed_examples"]
-    assert tiny.dpo_beta == 0.1 and tiny.dpo.lr == 1e-5 and tiny.revisor.lr == 5e-6  # SPEED's values survive
+    assert tiny.dpo_beta == 0.1 and tiny.dpo.lr == 1e-5 and tiny.revisor.batch_size == 2  # SPEED's values survive
     path = tmp_path / "pipeline.toml"
     path.write_text('out = "runs/a"\n[counts]\nseed_examples = 7\n[teacher]\nmodel = "judge-9"\n')
     config = load_config(path, preset="tiny", out="elsewhere")

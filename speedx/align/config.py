@@ -79,7 +79,8 @@ class AlignConfig:
     sft: Training = field(default_factory=Training)  # junior generator
     dpo: Training = field(default_factory=lambda: Training(lr=1e-5))
     dpo_beta: float = 0.1
-    revisor: Training = field(default_factory=lambda: Training(lr=5e-6, batch_size=24))
+    # SPEED: lr 5e-6, batch 24, most likely for full fine-tuning; a LoRA barely moves at that rate.
+    revisor: Training = field(default_factory=lambda: Training(lr=1e-4, batch_size=24))
     generation: Generation = field(default_factory=Generation)
 
     def to_dict(self) -> dict:

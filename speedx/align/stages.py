@@ -70,10 +70,11 @@ class Context:
 
     @property
     def base_checkpoint(self) -> Path:
-        """The student as a Hugging Face directory (TRL and PEFT train it; the engine loads it)."""
-        from speedx.models.hf_export import export_hf_checkpoint
+        """The student as a Hugging Face directory (TRL and PEFT train it; the engine loads it):
+        itself when it is one, else (a GGUF file such as the default) exported once into the run."""
+        from speedx.align.training import hf_base
 
-        return export_hf_checkpoint(self.config.student.model, self.out / "base")
+        return hf_base(self.config.student.model, self.out / "base")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

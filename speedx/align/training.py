@@ -19,8 +19,8 @@ import inspect
 import json
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -53,7 +53,7 @@ def _check_messages(messages, where: str) -> list[dict]:
     clean = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: messages[{j}] must be a dict with string 'role' and 'content'")
+            raise ValueError(f"{where}: messages[{j}] must be a dict with string 'role' and 'content'")  # noqa: TRY004
         clean.append({"role": m["role"], "content": m["content"]})  # extra keys would upset Arrow's schema
     if clean[-1]["role"] == "assistant":
         raise ValueError(f"{where}: the prompt messages end with an assistant turn; put that text in the completion")
@@ -68,7 +68,8 @@ def _check_records(records: Iterable[dict], text_fields: tuple[str, ...], kind: 
     for i, record in enumerate(records):
         where = f"{kind} record {i}"
         if not isinstance(record, dict):
-            raise ValueError(f"{where} is a {type(record).__name__}, not a dict")
+            # ValueError, not TypeError: callers catch one error type for bad data.
+            raise ValueError(f"{where} is a {type(record).__name__}, not a dict")  # noqa: TRY004
         for field in ("messages", *text_fields):
             if field not in record:
                 raise ValueError(f"{where} has no {field!r} field (needs messages, {', '.join(text_fields)})")
@@ -80,7 +81,7 @@ def _check_records(records: Iterable[dict], text_fields: tuple[str, ...], kind: 
 
 
 def eos_suffix(tokenizer) -> str:
-    """'' when the chat template ends an assistant turn with EOS (ChatML, Llama 3, Mistral), else the EOS token."""
+    """'' when the chat template ends an assistant turn with EOS (ChatML, Mistral, ...), else the EOS token."""
     probe = "SPEEDX_PROBE_TEXT"
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False
@@ -104,8 +105,11 @@ def _device(device: str | None) -> tuple[str, bool]:
 def _load(base: Path, bf16: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    if not tokenizer.chat_template:
+        raise ValueError(f"{base} has no chat template: SPEED's prompts are chats, train a chat (instruct) model")
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16 if bf16 else torch.float32)
-    return model, AutoTokenizer.from_pretrained(str(base))
+    return model, tokenizer
 
 
 def _hparams(train_fn, given: dict) -> dict:
@@ -264,7 +268,8 @@ def make_dpo_trainer(base_model, pairs, out_dir, **hparams):
     model, tokenizer = _load(base, args.bf16)
     suffix = eos_suffix(tokenizer)
     data = Dataset.from_list([
-        {"prompt": p["messages"], "chosen": _assistant(p["chosen"], suffix), "rejected": _assistant(p["rejected"], suffix)}
+        {"prompt": p["messages"], "chosen": _assistant(p["chosen"], suffix),
+         "rejected": _assistant(p["rejected"], suffix)}
         for p in pairs
     ])
     # ref_model=None + peft_config: TRL scores the reference with the adapter disabled, i.e. the base itself.
