@@ -16,6 +16,7 @@ from speedx.align.config import AlignConfig
 from speedx.align.stages import STAGE_FUNCTIONS, STAGES, TEACHER_STAGES, BudgetReached, Context
 from speedx.synth.run_files import atomic_write_json
 
+EXIT_FAILED = 1
 EXIT_BUDGET = 3
 
 
@@ -42,7 +43,8 @@ def open_teacher(config: AlignConfig, out: Path, stack: ExitStack):
     if base_url == "local":  # the local model answers as the teacher, through the real HTTP path
         from speedx.serving import start_server
 
-        server = stack.enter_context(start_server(config.teacher.local_model, seed=config.seed))
+        server = stack.enter_context(start_server(config.teacher.local_model, served_model_name=config.teacher.model,
+                                                   seed=config.seed))
         base_url = server.url
     client = stack.enter_context(TeacherClient(TeacherConfig(
         base_url=base_url, model=config.teacher.model, api_key=os.environ.get(config.teacher.api_key_env),
@@ -79,6 +81,8 @@ def run_pipeline(config: AlignConfig, from_stage: str | None = None, until_stage
                 status = "complete"
             except BudgetReached as exc:
                 stats, status = {"error": str(exc)}, "incomplete"
+            except (ValueError, FileNotFoundError) as exc:  # e.g. no usable data: say so, no traceback
+                stats, status = {"error": str(exc)}, "failed"
             manifest = {
                 "stage": name, "status": status, "stats": stats,
                 "seconds": carried + time.perf_counter() - start,
@@ -87,10 +91,13 @@ def run_pipeline(config: AlignConfig, from_stage: str | None = None, until_stage
             if ctx.teacher is not None:
                 ctx.teacher.save_usage(out / "teacher_usage.json")
                 manifest["teacher"] = ctx.teacher.usage()["stages"].get(name)
-            atomic_write_json(out / name / "manifest.json", manifest)
+            atomic_write_json(ctx.dir(name) / "manifest.json", manifest)
             log(f"[{name}] {status} in {manifest['seconds']:.1f} s: {json.dumps(stats)}")
-            if status != "complete":
+            if status == "incomplete":
                 log(f"stopped: {stats['error']}. Finished calls are cached; raise teacher.max_calls "
                     "(or --max-teacher-calls) and run again to resume.")
                 return EXIT_BUDGET
+            if status == "failed":
+                log(f"error: stage {name} failed: {stats['error']}")
+                return EXIT_FAILED
     return 0

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 
+VERDICT_SCHEMA = {
+    "type": "object",
+    "properties": {"reason": {"type": "string"}, "best": {"type": "integer"}, "worst": {"type": "integer"}},
+    "required": ["reason", "best", "worst"],
+    "additionalProperties": False,
+}
+
+
 def judge_messages(generation_prompt: str, candidates: list[str]) -> list[dict]:
     numbered = "\n\n".join(f"Candidate {i}:\n{text}" for i, text in enumerate(candidates, start=1))
     content = (

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from speedx.align.config import AlignConfig
-from speedx.align.prompts import check_verdict, judge_messages, retry_messages
+from speedx.align.prompts import VERDICT_SCHEMA, check_verdict, judge_messages, retry_messages
 from speedx.synth.dedup import Deduplicator
 from speedx.synth.families import FAMILIES, parse_families, parse_mix, DEFAULT_MIX
 from speedx.synth.json_repair import JSONRepairError, parse_json_object
 from speedx.synth.pipeline import Planner
-from speedx.synth.prompts import brainstorm_messages, revision_messages
+from speedx.synth.prompts import brainstorm_messages, brainstorm_schema, revision_messages
 from speedx.synth.records import check_example
 from speedx.synth.run_files import read_jsonl
 from speedx.synth.tasks import Task, task_candidates, hash_seed, load_topics
@@ -58,8 +58,10 @@ class Context:
         return list(read_jsonl(path))
 
     def ask(self, stage: str, requests: list[dict]) -> list:
-        """Teacher replies in request order (failures included); BudgetReached when calls ran out."""
-        results = self.teacher.chat_many(requests, stage=stage)
+        """Teacher replies in request order (failures included); BudgetReached when calls ran out.
+        Usage is saved after every reply, so a kill loses no call from the accounting."""
+        usage_file = self.out / "teacher_usage.json"
+        results = self.teacher.chat_many(requests, stage=stage, on_result=lambda i, r: self.teacher.save_usage(usage_file))
         if any(not r.ok and r.kind == "not_run" for r in results):
             raise BudgetReached(f"the teacher call budget ran out during stage {stage!r}")
         return results
@@ -84,9 +86,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def teacher_request(messages, config: AlignConfig, temperature: float, seed: int | None = None) -> dict:
-    return {"messages": messages, "temperature": temperature, "max_tokens": config.teacher.max_tokens,
-            "json_object": True, "seed": seed}
+def teacher_request(messages, config: AlignConfig, temperature: float, schema: dict, seed: int | None = None) -> dict:
+    """A chat request whose answer must match `schema`: OpenAI's structured outputs, which speedx's
+    server maps to constrained decoding (a small local teacher then always answers in shape)."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    return {"messages": messages, "temperature": temperature, "max_tokens": config.teacher.max_tokens, "seed": seed,
+            "extra": {"response_format": response_format}}
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -98,7 +103,7 @@ def brainstorm(ctx: Context) -> dict:
     topics = random.Random(config.seed).sample(load_topics(None), config.counts.topics)
     jobs = [(topic, family) for topic in topics for family in ctx.families]
     requests = [teacher_request(brainstorm_messages(family, topic), config, config.generation.temperature,
-                                hash_seed(config.seed, i)) for i, (topic, family) in enumerate(jobs)]
+                                brainstorm_schema(), hash_seed(config.seed, i) % 2**31) for i, (topic, family) in enumerate(jobs)]
     seen, tasks = Deduplicator(threshold=0.8), []
     for i, ((topic, family), reply) in enumerate(zip(jobs, ctx.ask("brainstorm", requests))):
         for text in task_candidates(reply.text) if reply.ok else []:
@@ -109,14 +114,15 @@ def brainstorm(ctx: Context) -> dict:
         if not any(t.family == family.name for t in tasks):
             tasks += [Task(f"x{len(tasks)}", family.name, text, None, "builtin") for text in FAMILIES[family.name].example_tasks]
     write_jsonl(ctx.dir("brainstorm") / "tasks.jsonl", [t.to_json() for t in tasks])
-    return {"requests": len(jobs), "examples_out": len(tasks)}
+    return {"examples_in": len(jobs), "examples_out": len(tasks)}
 
 
 def seed(ctx: Context) -> dict:
     """The teacher writes one example per planned prompt; valid ones become SFT records."""
     config, planner = ctx.config, ctx.planner(salt=1)
     planned = [planner.request(slot, 0) for slot in range(config.counts.seed_examples)]
-    requests = [teacher_request(p.messages, config, config.generation.temperature, p.seed % 2**31) for p in planned]
+    requests = [teacher_request(p.messages, config, config.generation.temperature, p.family.json_schema(), p.seed % 2**31)
+                for p in planned]
     records, reasons = [], {}
     for request, reply in zip(planned, ctx.ask("seed", requests)):
         data, reason = check_example(request, reply.text, "repair") if reply.ok else (None, "teacher_failed")
@@ -154,13 +160,16 @@ def root(ctx: Context) -> dict:
     planned = [planner.request(slot, 0) for slot in range(config.counts.root_prompts)]
     params = [SamplingParams(n=config.counts.candidates, temperature=config.generation.temperature,
                              top_p=config.generation.top_p, max_tokens=config.generation.max_tokens,
-                             seed=p.seed, json_schema=p.family.json_schema()) for p in planned]
+                             seed=p.seed, json_schema=p.family.json_schema(capped=True)) for p in planned]
     outputs = llm.generate([llm.apply_chat_template(p.messages) for p in planned], params, use_tqdm=False)
+    failed = [out.error for out in outputs if out.error]
+    if len(failed) == len(outputs):
+        raise ValueError(f"the junior generator could not serve any root prompt: {failed[0]}")
     rows = [{"slot": p.slot, "family": p.family.name, "task": p.task, "knobs": p.knobs, "messages": p.messages,
-             "candidates": [c.text for c in out.outputs]} for p, out in zip(planned, outputs)]
+             "candidates": [c.text for c in out.outputs]} for p, out in zip(planned, outputs) if not out.error]
     write_jsonl(ctx.dir("root") / "root.jsonl", rows)
     return {"examples_in": len(planned), "examples_out": sum(len(r["candidates"]) for r in rows),
-            "generated_tokens": sum(out.num_output_tokens for out in outputs)}
+            "failed_prompts": len(failed), "generated_tokens": sum(out.num_output_tokens for out in outputs)}
 
 
 def judge(ctx: Context) -> dict:
@@ -174,7 +183,7 @@ def judge(ctx: Context) -> dict:
         pending = sorted(conversations)
         if not pending:
             break
-        replies = ctx.ask("judge", [teacher_request(conversations[i], config, 0.0) for i in pending])
+        replies = ctx.ask("judge", [teacher_request(conversations[i], config, 0.0, VERDICT_SCHEMA) for i in pending])
         for i, reply in zip(pending, replies):
             try:
                 if not reply.ok:
@@ -214,7 +223,8 @@ def senior_dpo(ctx: Context) -> dict:
 
 
 def revisions(ctx: Context) -> dict:
-    """The teacher revises one valid root example per prompt, with the prompt the revisor will see."""
+    """The teacher revises one root example per prompt (the first with the family's fields: fixing
+    the rest is the revision's job), with the prompt the revisor will see."""
     config = ctx.config
     jobs = []
     for row in ctx.rows("root", "root.jsonl"):
@@ -224,12 +234,14 @@ def revisions(ctx: Context) -> dict:
                 example = parse_json_object(text)
             except JSONRepairError:
                 continue
-            if validate_example(family, example, row["knobs"]) is None:
+            if sorted(example) == sorted(family.keys):
                 jobs.append((row, family, revision_messages(family, row["task"], row["messages"][-1]["content"], example)))
                 break
         if len(jobs) == config.counts.revisions:
             break
-    requests = [teacher_request(messages, config, 0.0) for _, _, messages in jobs]
+    if not jobs:
+        raise ValueError("no root candidate parses as its family's JSON (truncated? raise generation.max_tokens)")
+    requests = [teacher_request(messages, config, 0.0, family.json_schema()) for _, family, messages in jobs]
     records, rejected = [], 0
     for (row, family, messages), reply in zip(jobs, ctx.ask("revisions", requests)):
         try:
