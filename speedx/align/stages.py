@@ -16,13 +16,13 @@ from pathlib import Path
 from speedx.align.config import AlignConfig
 from speedx.align.prompts import VERDICT_SCHEMA, check_verdict, judge_messages, retry_messages
 from speedx.synth.dedup import Deduplicator
-from speedx.synth.families import FAMILIES, parse_families, parse_mix, DEFAULT_MIX
+from speedx.synth.families import DEFAULT_MIX, FAMILIES, parse_families, parse_mix
 from speedx.synth.json_repair import JSONRepairError, parse_json_object
 from speedx.synth.pipeline import Planner
 from speedx.synth.prompts import brainstorm_messages, brainstorm_schema, revision_messages
 from speedx.synth.records import check_example
 from speedx.synth.run_files import read_jsonl
-from speedx.synth.tasks import Task, task_candidates, hash_seed, load_topics
+from speedx.synth.tasks import Task, hash_seed, load_topics, task_candidates
 from speedx.synth.validate import validate_example
 
 STAGES = ("brainstorm", "seed", "junior_sft", "root", "judge", "senior_dpo", "revisions", "revisor_sft", "final")
@@ -38,8 +38,8 @@ class Context:
     config: AlignConfig
     out: Path
     teacher: object = None  # a TeacherClient, set by the pipeline before a teacher stage runs
-    families: list = field(default_factory=list)
-    weights: dict = field(default_factory=dict)
+    families: list = field(init=False)  # from config.student.families, mixed like the paper (7:7:7:2)
+    weights: dict = field(init=False)
 
     def __post_init__(self):
         families = parse_families(self.config.student.families)
