@@ -6,7 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {"generate": "speedx.generate", "demo": "speedx.demo", "mine": "speedx.embed.mine", "train": "speedx.train",
-            "eval": "speedx.eval", "align": "speedx.align.cli"}
+            "eval": "speedx.eval", "align": "speedx.align.cli", "serve": "speedx.serve"}
 
 
 def main(argv: list[str] | None = None) -> None:

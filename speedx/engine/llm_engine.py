@@ -43,6 +43,9 @@ class LLMEngine:
         self._num_added = 0
         self._structured: StructuredOutputs | None = None  # built on the first json_schema request
         self._compiling: list[Request] = []  # json_schema requests whose sequence has no matcher yet
+        # Sequences that received a token in the latest step(), in order: servers stream their new
+        # tokens from here (output_token_ids grew; finished ones end with output_text(seq)).
+        self.step_sequences: list[Sequence] = []
 
     # ------------------------------------------------------------------ requests
 
@@ -94,6 +97,25 @@ class LLMEngine:
         self.requests.clear()
         self._compiling.clear()
 
+    def abort_request(self, request_id: str) -> bool:
+        """Drop one unfinished request (e.g. its client went away): unschedule it, free its KV blocks.
+        Returns False if no such request is unfinished."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.sequences:
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+            elif seq in self.scheduler.running:
+                self.scheduler.running.remove(seq)
+            if self.pool.has_sequence(seq.seq_id):
+                self.pool.free_sequence(seq.seq_id)
+            if not seq.is_finished:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        if request in self._compiling:
+            self._compiling.remove(request)
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -101,6 +123,7 @@ class LLMEngine:
 
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         start = time.perf_counter()
+        self.step_sequences = []
         finished = self._take_compiled_grammars() if self._compiling else []
         batch = self.scheduler.schedule()
         stats = StepStats(num_preempted=batch.num_preempted)
@@ -164,6 +187,7 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
+        self.step_sequences.append(seq)
         reason = self._grammar_stop(seq, token) if seq.matcher is not None else None
         reason = reason or self._stop_reason(seq, token)
         if reason is not None:
@@ -203,12 +227,16 @@ class LLMEngine:
             ids = ids[:-1]  # the EOS that ended constrained JSON is no part of its text
         return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
 
+    def output_text(self, seq: Sequence) -> str:
+        """The text a finished sequence reports: cut at its stop string, if one ended it."""
+        return seq.output_text if isinstance(seq.stop_reason, str) else self._decode(seq)
+
     def _finish_request(self, request: Request) -> RequestOutput:
         del self.requests[request.request_id]
         outputs = []
         for seq in sorted(request.sequences, key=lambda s: s.sample_index):
-            text = seq.output_text if isinstance(seq.stop_reason, str) else self._decode(seq)
-            outputs.append(CompletionOutput(seq.sample_index, text, seq.output_token_ids, seq.finish_reason, seq.stop_reason))
+            outputs.append(CompletionOutput(seq.sample_index, self.output_text(seq), seq.output_token_ids,
+                                            seq.finish_reason, seq.stop_reason))
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, outputs,
             num_cached_tokens=request.num_cached_tokens, error=request.error,
