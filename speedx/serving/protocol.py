@@ -8,7 +8,7 @@ client relying on them would otherwise get wrong results without noticing.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -27,15 +27,12 @@ _UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|\[")
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 422: "invalid_request_error", 503: "server_error"}
-
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        kind = self.TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"  # OpenAI's types
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
