@@ -68,6 +68,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def check_arguments(args) -> dict:
     """Everything that can be wrong with the arguments, checked before anything is written."""
+    from speedx.synth.run_files import ensure_writable_dir
     from speedx.synth.tasks import load_tasks_file, load_topics
 
     families = parse_families(args.families)
@@ -88,13 +89,7 @@ def check_arguments(args) -> dict:
     tasks = load_tasks_file(args.tasks, families) if args.tasks else None
     topics = None if tasks else load_topics(args.topics)
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"cannot write to --out {out}: {exc.strerror}") from None
+    ensure_writable_dir(out)
     config = {key: getattr(args, key) for key in RESUME_KEYS}
     manifest = out / "manifest.json"
     if manifest.exists():

@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from speedx.synth.run_files import ensure_writable_dir
+
 EXIT_BAD_INPUT = 2
 DEFAULT_DATA = "speedx-out/examples.jsonl"
 DEFAULT_SCALING_TASKS = "stsb,scifact"
@@ -73,16 +75,6 @@ def parse_tasks(text: str | None) -> list[str]:
     return tasks
 
 
-def check_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"cannot write to --out {out}: {exc.strerror}") from None
-
-
 def run(args) -> int:
     from speedx.embed.data import load_training_rows
     from speedx.embed.scaling import nested_subsets, parse_sizes
@@ -108,7 +100,7 @@ def run(args) -> int:
                       warmup_ratio=args.warmup_ratio, device=args.device, progress=not args.no_progress)
     cfg.check()
     out = Path(args.out or ("speedx-out/scaling" if sizes else "speedx-out/model"))
-    check_out(out)
+    ensure_writable_dir(out)
 
     if sizes:
         from speedx.embed.scaling import run_scaling

@@ -46,3 +46,14 @@ def read_jsonl(path: Path, repair: bool = False) -> Iterator[dict]:
                 yield json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+
+
+def ensure_writable_dir(out: Path, flag: str = "--out") -> None:
+    """Create `out` and prove a file can be written there, before any work starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"cannot write to {flag} {out}: {exc.strerror}") from None
