@@ -188,7 +188,8 @@ def judge(ctx: Context) -> dict:
             try:
                 if not reply.ok:
                     raise ValueError(reply.error)
-                best, worst = check_verdict(reply.json(), len(prompts[i]["candidates"]))
+                verdict = reply.json()
+                best, worst = check_verdict(verdict, len(prompts[i]["candidates"]))
             except (ValueError, JSONRepairError) as exc:
                 if attempt == config.counts.judge_retries or not reply.ok:
                     stats["skipped"] += 1
@@ -199,7 +200,7 @@ def judge(ctx: Context) -> dict:
                 continue
             candidates = prompts[i]["candidates"]
             pairs[i] = {"messages": prompts[i]["messages"], "chosen": candidates[best], "rejected": candidates[worst],
-                        "reason": reply.json().get("reason", "")}
+                        "reason": verdict.get("reason", "")}
             del conversations[i]
     rows = [pairs[i] for i in sorted(pairs)]
     write_jsonl(ctx.dir("judge") / "pairs.jsonl", rows)

@@ -90,9 +90,9 @@ class ModelRunner:
         self._copy_on_write()
         input_ids, positions, meta, cu_seqlens = self._prepare(batch)
         seqs = batch.sequences
-        one_sample_each = all(s.num_computed_tokens == s.num_tokens - 1 and not s.pending_forks for s in seqs)
-        if self.decode_graphs and one_sample_each and self.decode_graphs.fits(len(seqs), meta.block_tables.shape[1]):
-            logits = self.decode_graphs.run(input_ids, positions, meta.slot_mapping, meta.kv_lens, meta.block_tables)
+        graphs = self.decode_graphs
+        if graphs and self._is_plain_decode(seqs) and graphs.fits(len(seqs), meta.block_tables.shape[1]):
+            logits = graphs.run(input_ids, positions, meta.slot_mapping, meta.kv_lens, meta.block_tables)
             return [[t] for t in self._sample(logits, [(s, 0) for s in seqs]).tolist()]
         hidden = self.model(input_ids, positions, meta)
 
@@ -111,6 +111,11 @@ class ModelRunner:
         for (i, _), token in zip(rows_of, tokens):
             result[i].append(token)
         return result
+
+    @staticmethod
+    def _is_plain_decode(seqs: list[Sequence]) -> bool:
+        """Every sequence feeds its one newest token and samples one token (what the graphs run)."""
+        return all(s.num_computed_tokens == s.num_tokens - 1 and not s.pending_forks for s in seqs)
 
     def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
         for r, (seq, _) in enumerate(rows):
