@@ -49,11 +49,13 @@ def read_jsonl(path: Path, repair: bool = False) -> Iterator[dict]:
 
 
 def ensure_writable_dir(out: Path, flag: str = "--out") -> None:
-    """Create `out` and prove a file can be written there, before any work starts."""
+    """Create `out` and prove a file can be written there, before any work starts. The probe file
+    has a unique name: processes of one run (torchrun ranks) check the same folder at once."""
+    import tempfile
+
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
     except OSError as exc:
         raise ValueError(f"cannot write to {flag} {out}: {exc.strerror}") from None
