@@ -110,7 +110,7 @@ def main():
     result = {
         "cpu": cpu_name(),
         "torch": torch.__version__,
-        "isa": _C.cpu_attention_isa(),
+        "isa": _C.cpu_isa(),
         "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
         "workload": {k: getattr(args, k) for k in ("batch", "num_heads", "num_kv_heads", "head_dim", "block_size", "dtype")},
         "repeats": args.repeats,

@@ -8,6 +8,8 @@
 
 #include "block_pool.h"
 #include "cpu_attention.h"
+#include "cpu_gemm.h"
+#include "cpu_norm.h"
 
 namespace py = pybind11;
 using speedx::BlockPool;
@@ -170,7 +172,7 @@ PYBIND11_MODULE(_C, m) {
             reinterpret_cast<const void*>(k_cache), reinterpret_cast<const void*>(v_cache),
             static_cast<const int32_t*>(block_tables.data()), static_cast<const int32_t*>(kv_lens.data()),
             block_tables.shape(0), block_tables.shape(1), num_blocks, num_heads, num_kv_heads, head_dim,
-            block_size, scale, speedx::parse_attn_dtype(dtype), num_threads, speedx::parse_cpu_isa(isa)};
+            block_size, scale, speedx::parse_dtype(dtype, "paged_decode_attention"), num_threads, speedx::parse_cpu_isa(isa, "paged_decode_attention")};
         py::gil_scoped_release nogil;
         speedx::paged_decode_attention(args);
       },
@@ -183,6 +185,51 @@ PYBIND11_MODULE(_C, m) {
       "'float32'); q and out [batch, num_heads, head_dim], caches [num_blocks, block_size,\n"
       "num_kv_heads, head_dim]; block_tables int32 [batch, max_blocks], kv_lens int32 [batch].\n"
       "_debug_isa forces a narrower SIMD path ('avx2', 'baseline') for tests.");
-  m.def("cpu_attention_isa", [] { return speedx::cpu_isa_name(speedx::best_cpu_isa()); },
-        "SIMD path paged_decode_attention uses on this CPU: 'avx512', 'avx2' or 'baseline'.");
+  // bf16-weight matmul for CPU decoding (cpu_gemm.h); tensors come as data_ptr() ints.
+  m.def("packed_weight_size", &speedx::packed_weight_size, py::arg("n"), py::arg("k"),
+        "bf16 elements of pack_bf16_weight's output for an [n, k] weight.");
+  m.def(
+      "pack_bf16_weight",
+      [](uintptr_t w, int64_t n, int64_t k, uintptr_t packed, int num_threads) {
+        py::gil_scoped_release nogil;
+        speedx::pack_bf16_weight(reinterpret_cast<const uint16_t*>(w), n, k, reinterpret_cast<uint16_t*>(packed),
+                                 num_threads);
+      },
+      py::arg("w"), py::arg("n"), py::arg("k"), py::arg("packed"), py::arg("num_threads"),
+      "Packs a C-contiguous bf16 [n, k] weight (data_ptr) into packed_weight_size(n, k) bf16 elements.");
+  m.def(
+      "gemm_bf16_weight",
+      [](uintptr_t out, uintptr_t x, uintptr_t packed, uintptr_t bias, int64_t m, int64_t n, int64_t k,
+         const std::string& x_dtype, const std::string& out_dtype, int num_threads, const std::string& isa) {
+        const speedx::Bf16WeightGemmArgs args{
+            reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x),
+            reinterpret_cast<const uint16_t*>(packed), reinterpret_cast<const float*>(bias), m, n, k,
+            speedx::parse_dtype(x_dtype, "gemm_bf16_weight"), speedx::parse_dtype(out_dtype, "gemm_bf16_weight"),
+            num_threads, speedx::parse_cpu_isa(isa, "gemm_bf16_weight")};
+        py::gil_scoped_release nogil;
+        speedx::gemm_bf16_weight(args);
+      },
+      py::arg("out"), py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("m"), py::arg("n"), py::arg("k"),
+      py::arg("x_dtype"), py::arg("out_dtype"), py::arg("num_threads"), py::kw_only(), py::arg("_debug_isa") = "auto",
+      "out[m, n] = x[m, k] @ w.T (+ bias) with w packed by pack_bf16_weight, on CPU, GIL released.\n"
+      "out/x/packed/bias: data_ptr() of C-contiguous tensors (bias fp32 [n], or 0 for none); x and out\n"
+      "'float32' or 'bfloat16'. _debug_isa forces a narrower SIMD path ('avx2', 'baseline') for tests.");
+  m.def(
+      "rms_norm",
+      [](uintptr_t out, uintptr_t residual, uintptr_t residual_out, uintptr_t x, uintptr_t weight, int64_t m,
+         int64_t h, float eps, const std::string& dtype, int num_threads) {
+        const speedx::RmsNormArgs args{reinterpret_cast<void*>(out), reinterpret_cast<const void*>(residual),
+                                       reinterpret_cast<void*>(residual_out),
+                                       reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(weight),
+                                       m, h, eps, speedx::parse_dtype(dtype, "rms_norm"), num_threads};
+        py::gil_scoped_release nogil;
+        speedx::rms_norm(args);
+      },
+      py::arg("out"), py::arg("residual"), py::arg("residual_out"), py::arg("x"), py::arg("weight"), py::arg("m"),
+      py::arg("h"),
+      py::arg("eps"), py::arg("dtype"), py::arg("num_threads"),
+      "RMSNorm of x [m, h] into out, on CPU (cpu_norm.h); with a residual (else 0), x + residual is\n"
+      "normalised and stored in residual_out. All data_ptr() of C-contiguous tensors of `dtype`.");
+  m.def("cpu_isa", [] { return speedx::cpu_isa_name(speedx::best_cpu_isa()); },
+        "SIMD path the CPU kernels (paged_decode_attention, gemm_bf16_weight) use here: 'avx512', 'avx2' or 'baseline'.");
 }

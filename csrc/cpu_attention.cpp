@@ -4,9 +4,7 @@
 //      that share the KV head (the tile is converted once and used G times);
 //   2. softmax per head over the whole sequence (scores stay in a small per-thread buffer);
 //   3. convert W V rows to an fp32 tile; accumulate p * v per head; scale by 1 / sum and round.
-// SIMD is written once with GCC vector extensions, templated on W, and compiled for AVX-512
-// (W = 16), AVX2 + FMA (W = 8) and baseline SSE2 (W = 4) through per-function target
-// attributes; the widest the CPU supports is picked at run time, so the wheel runs on any x86-64.
+// SIMD: see cpu_simd.h.
 #include "cpu_attention.h"
 
 #include <algorithm>
@@ -20,60 +18,10 @@
 #include <omp.h>
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // vectors are passed by value only inside inlined code
-#if __GNUC__ >= 12 && defined(__x86_64__)  // (older GCCs lack target("arch=x86-64-v4"))
-#define SPEEDX_X86_ISAS 1
-#endif
-#endif
-#define SPEEDX_INLINE inline __attribute__((always_inline))
-
 namespace speedx {
 namespace {
 
-// Explicit alignment: otherwise a 64-byte vector declared outside AVX-512 code gets 16, while
-// the AVX-512 code that uses it assumes 64.
-template <int W> struct Vec {
-  typedef float f __attribute__((vector_size(W * 4), aligned(W * 4)));
-  typedef int32_t i __attribute__((vector_size(W * 4), aligned(W * 4)));
-  typedef uint32_t u __attribute__((vector_size(W * 4), aligned(W * 4)));
-};
-
-struct bf16 { uint16_t bits; };
-struct f16 { uint16_t bits; };
-
-SPEEDX_INLINE float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-SPEEDX_INLINE uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-
-// Scalar conversions, branch-free (selects only) so that loops over them vectorise.
-SPEEDX_INLINE float to_f32(float x) { return x; }
-SPEEDX_INLINE float to_f32(bf16 x) { return as_float(uint32_t(x.bits) << 16); }
-// Subnormals go through an exact int -> float convert rather than denormal float arithmetic,
-// which flush-to-zero / denormals-are-zero modes would break.
-SPEEDX_INLINE float to_f32(f16 x) {
-  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16, em = x.bits & 0x7fffu;
-  const uint32_t normal = ((em << 13) + (112u << 23)) | (em >= 0x7c00u ? 0x7f800000u : 0u);  // inf/nan
-  // A mask, not ?:, so GCC cannot sink the float op into a branch (it won't if-convert those).
-  const uint32_t sub = as_bits(float(int32_t(em)) * 0x1p-24f), is_sub = 0u - uint32_t(em < 0x400u);
-  return as_float((sub & is_sub) | (normal & ~is_sub) | sign);
-}
-
-// Round to nearest even.
-SPEEDX_INLINE void from_f32(float f, float* out) { *out = f; }
-SPEEDX_INLINE void from_f32(float f, bf16* out) {
-  const uint32_t u = as_bits(f), r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  out->bits = uint16_t((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r);  // nan stays nan
-}
-SPEEDX_INLINE void from_f32(float f, f16* out) {  // after F. Giesen's float_to_half_fast3_rtne
-  const uint32_t u = as_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;  // rebias 127 -> 15, round
-  const uint32_t sub = as_bits(as_float(a) + 0.5f) - 0x3f000000u;       // half ulp 2^-24 -> bit 0
-  const uint32_t is_sub = 0u - uint32_t(a < 0x38800000u);               // mask: see to_f32(f16)
-  uint32_t r = (sub & is_sub) | (normal & ~is_sub);
-  r = a >= 0x477ff000u ? 0x7c00u : r;  // >= 65520 rounds to inf
-  r = a > 0x7f800000u ? 0x7e00u : r;   // nan
-  out->bits = uint16_t(sign | r);
-}
+using namespace simd;
 
 // Rows are converted to fp32 in a layout private to this file: bf16 rows go in groups of 2W
 // elements, even elements first, then odd ones, so a load, a shift and an and convert 2W values
@@ -109,11 +57,8 @@ SPEEDX_INLINE void store_row(bf16* __restrict dst, const float* __restrict src, 
   using U = typename Vec<W>::u;
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {  // from_f32(float, bf16*) on vectors, re-interleaved
-    const U e = (U)(*reinterpret_cast<const F*>(src + i) * mul);
-    const U o = (U)(*reinterpret_cast<const F*>(src + i + W) * mul);
-    const U re = (e & 0x7fffffffu) > 0x7f800000u ? (e >> 16) | 0x40u : (e + 0x7fffu + ((e >> 16) & 1u)) >> 16;
-    const U ro = (o & 0x7fffffffu) > 0x7f800000u ? o | 0x400000u : o + 0x7fffu + ((o >> 16) & 1u);
-    const U x = re | (ro & 0xffff0000u);
+    const U x = round_interleave_bf16<W>(*reinterpret_cast<const F*>(src + i) * mul,
+                                         *reinterpret_cast<const F*>(src + i + W) * mul);
     std::memcpy(dst + i, &x, sizeof x);
   }
   for (; i < n; ++i) from_f32(src[i] * mul, dst + i);
@@ -308,38 +253,6 @@ void fail(const std::string& msg) { throw std::invalid_argument("paged_decode_at
 
 }  // namespace
 
-CpuIsa best_cpu_isa() {
-#ifdef SPEEDX_X86_ISAS
-  if (__builtin_cpu_supports("x86-64-v4")) return CpuIsa::kAvx512;
-  if (__builtin_cpu_supports("x86-64-v3")) return CpuIsa::kAvx2;
-#endif
-  return CpuIsa::kBaseline;
-}
-
-const char* cpu_isa_name(CpuIsa isa) {
-  return isa == CpuIsa::kAvx512 ? "avx512" : isa == CpuIsa::kAvx2 ? "avx2" : "baseline";
-}
-
-CpuIsa parse_cpu_isa(const std::string& name) {
-  if (name == "auto") return CpuIsa::kAuto;
-  for (CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
-    if (name != cpu_isa_name(isa)) continue;
-    if (int(isa) > int(best_cpu_isa())) fail("this CPU (or build) does not support isa '" + name + "'");
-    return isa;
-  }
-  fail("isa must be 'auto', 'avx512', 'avx2' or 'baseline', got '" + name + "'");
-  return CpuIsa::kAuto;  // unreachable
-}
-
-AttnDType parse_attn_dtype(const std::string& name) {
-  const std::string n = name.rfind("torch.", 0) == 0 ? name.substr(6) : name;
-  if (n == "float32" || n == "float" || n == "fp32") return AttnDType::kFloat32;
-  if (n == "float16" || n == "half" || n == "fp16") return AttnDType::kFloat16;
-  if (n == "bfloat16" || n == "bf16") return AttnDType::kBFloat16;
-  fail("dtype must be 'bfloat16', 'float16' or 'float32', got '" + name + "'");
-  return AttnDType::kFloat32;  // unreachable
-}
-
 void paged_decode_attention(const PagedDecodeArgs& a) {
   if (a.num_heads < 1 || a.num_kv_heads < 1 || a.num_heads % a.num_kv_heads != 0)
     fail("num_heads (" + std::to_string(a.num_heads) + ") must be a positive multiple of num_kv_heads (" +
@@ -367,8 +280,8 @@ void paged_decode_attention(const PagedDecodeArgs& a) {
   }
 
   const CpuIsa isa = a.isa == CpuIsa::kAuto ? best_cpu_isa() : a.isa;
-  const Kernel k = a.dtype == AttnDType::kFloat32   ? pick<float>(a.head_dim, isa)
-                   : a.dtype == AttnDType::kFloat16 ? pick<f16>(a.head_dim, isa)
+  const Kernel k = a.dtype == DType::kFloat32   ? pick<float>(a.head_dim, isa)
+                   : a.dtype == DType::kFloat16 ? pick<f16>(a.head_dim, isa)
                                                     : pick<bf16>(a.head_dim, isa);
   const int64_t W = k.width, G = a.num_heads / a.num_kv_heads, Dp = (a.head_dim + W - 1) / W * W;
   const int64_t Lp = (max_len + W - 1) / W * W, pairs = a.batch * a.num_kv_heads;

@@ -2,22 +2,10 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
+
+#include "cpu_simd.h"
 
 namespace speedx {
-
-enum class AttnDType { kFloat32, kFloat16, kBFloat16 };
-// SIMD code path: x86-64 baseline (SSE2), x86-64-v3 (AVX2 + FMA), x86-64-v4 (AVX-512).
-enum class CpuIsa { kAuto = -1, kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// "float32" / "float16" / "bfloat16" (also "torch.<name>", "fp32", "fp16", "bf16", "float",
-// "half"); throws std::invalid_argument otherwise.
-AttnDType parse_attn_dtype(const std::string& name);
-
-CpuIsa best_cpu_isa();  // the widest path this CPU and build support
-const char* cpu_isa_name(CpuIsa isa);  // "baseline" / "avx2" / "avx512"
-// "auto" or a cpu_isa_name(); throws std::invalid_argument for unknown or unsupported names.
-CpuIsa parse_cpu_isa(const std::string& name);
 
 struct PagedDecodeArgs {
   void* out;              // [batch, num_heads, head_dim]
@@ -29,7 +17,7 @@ struct PagedDecodeArgs {
   int64_t batch, max_blocks, num_blocks;
   int64_t num_heads, num_kv_heads, head_dim, block_size;
   float scale;
-  AttnDType dtype;
+  DType dtype;
   int num_threads;
   CpuIsa isa = CpuIsa::kAuto;  // forcing a narrower path is for tests and benchmarks
 };

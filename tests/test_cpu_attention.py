@@ -14,7 +14,7 @@ from speedx import _C
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 _ALL_ISAS = ["baseline", "avx2", "avx512"]
-ISAS = _ALL_ISAS[: _ALL_ISAS.index(_C.cpu_attention_isa()) + 1]  # the SIMD paths this CPU can run
+ISAS = _ALL_ISAS[: _ALL_ISAS.index(_C.cpu_isa()) + 1]  # the SIMD paths this CPU can run
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -130,7 +130,7 @@ def test_every_simd_path(isa, dtype, head_dim):
 
 
 def test_isa_names():
-    assert _C.cpu_attention_isa() in ("baseline", "avx2", "avx512")
+    assert _C.cpu_isa() in ("baseline", "avx2", "avx512")
     with pytest.raises(ValueError, match="isa must be 'auto', 'avx512', 'avx2' or 'baseline', got 'sse9'"):
         _C.paged_decode_attention(0, 0, 0, 0, np.zeros((0, 1), np.int32), np.zeros(0, np.int32),
                                   1, 1, 1, 1, 1, 1.0, "float32", 1, _debug_isa="sse9")

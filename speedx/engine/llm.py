@@ -15,7 +15,7 @@ from speedx.engine.llm_engine import LLMEngine
 from speedx.engine.model_runner import ModelRunner
 from speedx.engine.outputs import CompletionOutput, RequestOutput
 from speedx.engine.sampling_params import SamplingParams
-from speedx.models.layers import widen_cpu_matmuls
+from speedx.models.layers import use_fast_cpu_matmuls
 from speedx.models.llama import LlamaForCausalLM
 from speedx.models.lora import LoRAAdapter
 from speedx.models.loader import is_gguf, load_config_and_weights, load_tokenizer, resolve_model_path
@@ -82,7 +82,7 @@ class LLM:
         net.to(self.dtype).eval()
         net.rotary.to(torch.float32)  # keep the cos/sin tables in fp32
         if self.device.type == "cpu" and self.dtype != torch.float32 and not _cpu_has_amx():
-            widen_cpu_matmuls(net, self.dtype)
+            use_fast_cpu_matmuls(net, self.dtype)
             net.lm_head.out_dtype = torch.float32  # logits feed the sampler in fp32 anyway
 
         bytes_per_token = ModelRunner.kv_bytes_per_token(config, self.dtype)
@@ -220,7 +220,7 @@ def _error_output(request_id: str, prompt, message: str) -> RequestOutput:
 
 
 def _cpu_has_amx() -> bool:
-    # With AMX tiles bf16 GEMM is fast natively; without them fp32 GEMM wins (see WideMatmulLinear).
+    # With AMX tiles bf16 GEMM is fast natively; without them speedx's own matmuls win (layers.py).
     return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
 
 

@@ -13,16 +13,43 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm, optionally after the residual add: norm(x) or (norm(x + residual), x + residual).
+
+    Half-precision CPU tensors go through one fused C++ pass (csrc/cpu_norm.cpp) that rounds where
+    the PyTorch path below (its twin, and transformers' op order) does."""
+
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == x.dtype:
+            return self._fused_cpu(x, residual)
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+    def _fused_cpu(self, x: torch.Tensor, residual: torch.Tensor | None):
+        from speedx import _C
+
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        residual = None if residual is None else residual.contiguous()
+        summed = None if residual is None else torch.empty_like(x)
+        _C.rms_norm(
+            out.data_ptr(), 0 if residual is None else residual.data_ptr(), 0 if summed is None else summed.data_ptr(),
+            x.data_ptr(), self.weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], self.eps, str(x.dtype),
+            torch.get_num_threads(),
+        )
+        return out if residual is None else (out, summed)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -97,9 +124,10 @@ class SwiGLU(nn.Module):
 class WideMatmulLinear(nn.Module):
     """A linear layer whose weights hold bf16/fp16 values but multiply in fp32 on the CPU.
 
-    On CPUs without AMX, PyTorch's bf16 GEMM runs 1.5-1.9x slower than its fp32 GEMM (measured
-    by bench/cpu_matmul.py). Widening bf16 values to fp32 is exact and both accumulate in fp32,
-    so the result, rounded back to the activation dtype, is the same bf16 arithmetic, only faster.
+    On CPUs without AMX, PyTorch's bf16 GEMM runs 1.3-1.5x slower than its fp32 GEMM (measured by
+    bench/cpu_matmul.py). Widening bf16 values to fp32 is exact and both accumulate in fp32, so the
+    result, rounded back to the activation dtype, is the same bf16 arithmetic, only faster. It is
+    also the PyTorch twin of PackedBf16Linear.
     """
 
     def __init__(self, linear: nn.Linear, out_dtype: torch.dtype):
@@ -112,10 +140,52 @@ class WideMatmulLinear(nn.Module):
         return F.linear(x.float(), self.weight, self.bias).to(self.out_dtype)
 
 
-def widen_cpu_matmuls(model: nn.Module, dtype: torch.dtype) -> None:
-    """Swap every nn.Linear of a half-precision CPU model for a WideMatmulLinear (fp32 GEMM)."""
+class PackedBf16Linear(nn.Module):
+    """A bf16 linear layer through speedx's CPU matmul (csrc/cpu_gemm.cpp).
+
+    The weights stay bf16 (half the bytes of WideMatmulLinear's), packed once into the panels the
+    kernel streams, and are widened in registers; products accumulate in fp32, so the arithmetic is
+    WideMatmulLinear's. Each output is one FMA chain in k order: a row's result does not depend on
+    the other rows of the batch.
+    """
+
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype):
+        super().__init__()
+        if out_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"PackedBf16Linear writes bfloat16 or float32, not {out_dtype}")
+        from speedx import _C
+
+        self._C = _C
+        self.out_features, self.in_features = linear.weight.shape
+        weight = linear.weight.detach().to(torch.bfloat16).contiguous()
+        packed = torch.empty(_C.packed_weight_size(self.out_features, self.in_features), dtype=torch.bfloat16)
+        _C.pack_bf16_weight(weight.data_ptr(), self.out_features, self.in_features, packed.data_ptr(), torch.get_num_threads())
+        self.register_buffer("packed_weight", packed)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().contiguous(), requires_grad=False)
+        self.out_dtype = out_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype not in (torch.bfloat16, torch.float32):
+            rows = rows.float()
+        rows = rows.contiguous()
+        out = torch.empty(rows.shape[0], self.out_features, dtype=self.out_dtype)
+        self._C.gemm_bf16_weight(
+            out.data_ptr(), rows.data_ptr(), self.packed_weight.data_ptr(), 0 if self.bias is None else self.bias.data_ptr(),
+            rows.shape[0], self.out_features, self.in_features, str(rows.dtype), str(self.out_dtype), torch.get_num_threads(),
+        )
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def use_fast_cpu_matmuls(model: nn.Module, dtype: torch.dtype) -> None:
+    """Swap every nn.Linear of a half-precision CPU model for the fastest same-arithmetic matmul:
+    PackedBf16Linear for bf16 on AVX-512 CPUs (where bench/cpu_matmul.py measured it), otherwise
+    WideMatmulLinear (fp32 GEMM)."""
+    from speedx import _C
+
+    packed = dtype == torch.bfloat16 and _C.cpu_isa() == "avx512"
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(model, name, WideMatmulLinear(child, dtype))
+            setattr(model, name, (PackedBf16Linear if packed else WideMatmulLinear)(child, dtype))
         else:
-            widen_cpu_matmuls(child, dtype)
+            use_fast_cpu_matmuls(child, dtype)

@@ -1,0 +1,226 @@
+// bf16-weight matmul on CPU (see cpu_gemm.h). The work is split into (row block, weight panel)
+// pairs handed out to threads in one static sweep; within a pair, register tiles of R rows x 32
+// columns run the whole k loop:
+//   per k: one 64-byte panel row -> 32 fp32 weights (a shift and an and per W bf16 pairs: even
+//          columns in one vector, odd in the next), then for each of the R rows a broadcast of
+//          x[r, k] and 32/W FMAs into the tile's accumulators;
+//   at the end: + bias, round (bf16) or re-interleave (fp32), store.
+// x is converted to fp32 once per call, each tile's rows interleaved. SIMD: see cpu_simd.h.
+#include "cpu_gemm.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace speedx {
+namespace {
+
+using namespace simd;
+
+constexpr int P = kGemmPanel;
+
+// Rows per register tile: R * 32/W accumulators plus 32/W weight vectors must fit in the register
+// file (32 zmm for AVX-512, 16 ymm / xmm otherwise).
+template <int W> constexpr int kTileRows = W == 16 ? 12 : W == 8 ? 3 : 1;
+// Rows per block: the block's fp32 x rows stay in L2 while every panel streams past them.
+template <int W> constexpr int64_t kBlockRows = 16 * kTileRows<W>;
+
+struct Job {
+  const Bf16WeightGemmArgs& a;
+  const float* x;  // fp32, tile-major: rows m0 .. m0+R-1 as [k][R] at x + m0 * k (see pack_rows)
+};
+
+// Lane i of the result <- lane I_i of the concatenation x:y.
+template <int W, typename F, int... I>
+SPEEDX_INLINE F shuffle(const F& x, const F& y, std::integer_sequence<int, I...>) {
+#ifdef __clang__
+  return __builtin_shufflevector(x, y, I...);
+#else
+  return __builtin_shuffle(x, y, typename Vec<W>::i{I...});
+#endif
+}
+// Columns 2l of a 2W-column group in `even`, 2l+1 in `odd` -> the group's first (Half = 0) or
+// second (Half = 1) W columns in order.
+template <int W, int Half, typename F, int... I>
+SPEEDX_INLINE F interleave(const F& even, const F& odd, std::integer_sequence<int, I...>) {
+  return shuffle<W>(even, odd, std::integer_sequence<int, (I % 2 ? W : 0) + Half * W / 2 + (I / 2)...>{});
+}
+
+// Rows m0 .. m0+R-1 of one panel: out[m0 + r, 32p + c] for c < min(32, n - 32p).
+template <int W, int R>
+SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0) {
+  using F = typename Vec<W>::f;
+  using U = typename Vec<W>::u;
+  constexpr int V = P / W;  // fp32 vectors per panel row: pairs (even columns, odd columns)
+  const Bf16WeightGemmArgs& a = job.a;
+  const int64_t K = a.k;
+  const float* x = job.x + m0 * K;  // [K][kTileRows], this tile's rows first
+  const uint16_t* panel = a.packed + p * K * P;
+
+  F acc[R][V] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    F w[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; v += 2) {
+      U pairs;
+      std::memcpy(&pairs, panel + k * P + v * W, sizeof pairs);
+      w[v] = (F)(pairs << 16);
+      w[v + 1] = (F)(pairs & 0xffff0000u);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[k * kTileRows<W> + r];  // scalar * vector: an embedded broadcast
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[r][v] += xr * w[v];
+    }
+  }
+
+  const int64_t n0 = p * P, cols = std::min<int64_t>(P, a.n - n0);
+  F bias[V] = {};
+  if (a.bias)
+    for (int v = 0; v < V; ++v)
+      for (int l = 0; l < W; ++l) {
+        const int64_t c = (v / 2) * 2 * W + 2 * l + v % 2;
+        bias[v][l] = c < cols ? a.bias[n0 + c] : 0.0f;
+      }
+  for (int r = 0; r < R; ++r) {
+    alignas(64) uint16_t row16[P];  // staging for a panel cut short by n
+    alignas(64) float row32[P];
+    const bool whole = cols == P;
+    if (a.out_dtype == DType::kBFloat16) {
+      uint16_t* dst = whole ? static_cast<uint16_t*>(a.out) + (m0 + r) * a.n + n0 : row16;
+      for (int v = 0; v < V; v += 2) {
+        const U packed = round_interleave_bf16<W>(acc[r][v] + bias[v], acc[r][v + 1] + bias[v + 1]);
+        std::memcpy(dst + v * W, &packed, sizeof packed);
+      }
+      if (!whole) std::copy(row16, row16 + cols, static_cast<uint16_t*>(a.out) + (m0 + r) * a.n + n0);
+    } else {
+      float* dst = whole ? static_cast<float*>(a.out) + (m0 + r) * a.n + n0 : row32;
+      for (int v = 0; v < V; v += 2) {
+        const F e = acc[r][v] + bias[v], o = acc[r][v + 1] + bias[v + 1];
+        const F lo = interleave<W, 0>(e, o, std::make_integer_sequence<int, W>{});
+        const F hi = interleave<W, 1>(e, o, std::make_integer_sequence<int, W>{});
+        std::memcpy(dst + v * W, &lo, sizeof lo);
+        std::memcpy(dst + v * W + W, &hi, sizeof hi);
+      }
+      if (!whole) std::copy(row32, row32 + cols, static_cast<float*>(a.out) + (m0 + r) * a.n + n0);
+    }
+  }
+}
+
+// A last tile of `rows` < kTileRows rows: the instantiation for exactly that many.
+template <int W, int R>
+SPEEDX_INLINE void short_tile(const Job& job, int64_t p, int64_t m0, int64_t rows) {
+  if constexpr (R > 0) {
+    if (rows == R) tile<W, R>(job, p, m0);
+    else short_tile<W, R - 1>(job, p, m0, rows);
+  }
+}
+
+template <int W>
+SPEEDX_INLINE void block(const Job& job, int64_t p, int64_t m0, int64_t m1) {
+  constexpr int R = kTileRows<W>;
+  for (; m0 + R <= m1; m0 += R) tile<W, R>(job, p, m0);
+  short_tile<W, R - 1>(job, p, m0, m1 - m0);
+}
+
+// Entry points, one per ISA level. The OpenMP region stays outside them: GCC outlines a parallel
+// region into a separate function that would not inherit the target.
+using BlockFn = void (*)(const Job&, int64_t, int64_t, int64_t);
+struct Kernel { BlockFn fn; int64_t tile_rows, block_rows; };
+
+void block_baseline(const Job& j, int64_t p, int64_t m0, int64_t m1) { block<4>(j, p, m0, m1); }
+#ifdef SPEEDX_X86_ISAS
+__attribute__((target("arch=x86-64-v3"))) void block_avx2(const Job& j, int64_t p, int64_t m0, int64_t m1) {
+  block<8>(j, p, m0, m1);
+}
+__attribute__((target("arch=x86-64-v4"))) void block_avx512(const Job& j, int64_t p, int64_t m0, int64_t m1) {
+  block<16>(j, p, m0, m1);
+}
+#endif
+
+Kernel pick(CpuIsa isa) {
+#ifdef SPEEDX_X86_ISAS
+  if (isa == CpuIsa::kAvx512) return {block_avx512, kTileRows<16>, kBlockRows<16>};
+  if (isa == CpuIsa::kAvx2) return {block_avx2, kTileRows<8>, kBlockRows<8>};
+#endif
+  (void)isa;
+  return {block_baseline, kTileRows<4>, kBlockRows<4>};
+}
+
+void fail(const std::string& msg) { throw std::invalid_argument("gemm_bf16_weight: " + msg); }
+
+template <typename T>
+void pack_row(float* dst, const T* src, int64_t k, int64_t stride) {
+  for (int64_t i = 0; i < k; ++i) dst[i * stride] = to_f32(src[i]);
+}
+
+std::vector<float>& x_scratch() {
+  thread_local std::vector<float> buf;  // reused: decoding calls this hundreds of times a step
+  return buf;
+}
+
+}  // namespace
+
+int64_t packed_weight_size(int64_t n, int64_t k) { return (n + P - 1) / P * P * k; }
+
+void pack_bf16_weight(const uint16_t* w, int64_t n, int64_t k, uint16_t* packed, int num_threads) {
+  if (n < 1 || k < 1) throw std::invalid_argument("pack_bf16_weight: n and k must be >= 1");
+  if (!w || !packed) throw std::invalid_argument("pack_bf16_weight: null data pointer");
+  const int64_t panels = (n + P - 1) / P;
+  (void)num_threads;
+#pragma omp parallel for num_threads(std::max(1, num_threads)) schedule(static)
+  for (int64_t p = 0; p < panels; ++p) {
+    uint16_t* dst = packed + p * k * P;
+    for (int64_t c = 0; c < P; ++c) {  // one weight row at a time: contiguous reads
+      const int64_t row = p * P + c;
+      for (int64_t i = 0; i < k; ++i) dst[i * P + c] = row < n ? w[row * k + i] : uint16_t(0);
+    }
+  }
+}
+
+void gemm_bf16_weight(const Bf16WeightGemmArgs& a) {
+  if (a.m < 0 || a.n < 1 || a.k < 1)
+    fail("need m >= 0, n >= 1, k >= 1; got m=" + std::to_string(a.m) + ", n=" + std::to_string(a.n) +
+         ", k=" + std::to_string(a.k));
+  for (DType d : {a.x_dtype, a.out_dtype})
+    if (d == DType::kFloat16) fail("x and out must be float32 or bfloat16, not float16");
+  if (a.num_threads < 1) fail("num_threads must be >= 1");
+  if (a.m == 0) return;
+  if (!a.out || !a.x || !a.packed) fail("null data pointer");
+
+  const Kernel kernel = pick(a.isa == CpuIsa::kAuto ? best_cpu_isa() : a.isa);
+  const int64_t R = kernel.tile_rows, K = a.k, tiles = (a.m + R - 1) / R;
+  std::vector<float>& x = x_scratch();
+  x.resize(size_t(tiles * R * K));
+  const Job job{a, x.data()};
+  const int64_t panels = (a.n + P - 1) / P, blocks = (a.m + kernel.block_rows - 1) / kernel.block_rows;
+  const int64_t work = panels * blocks;
+  [[maybe_unused]] const int nt = int(std::min<int64_t>(a.num_threads, work));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    // x -> fp32 in tile-major order, so that a tile's broadcasts walk one contiguous stream.
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      for (int64_t r = 0; r < R && t * R + r < a.m; ++r) {
+        float* dst = x.data() + t * R * K + r;
+        if (a.x_dtype == DType::kBFloat16) pack_row(dst, static_cast<const bf16*>(a.x) + (t * R + r) * K, K, R);
+        else pack_row(dst, static_cast<const float*>(a.x) + (t * R + r) * K, K, R);
+      }
+    }
+    // Static and block-major: with one row block, thread t streams its own contiguous run of panels.
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < work; ++i) {
+      const int64_t m0 = i / panels * kernel.block_rows;
+      kernel.fn(job, i % panels, m0, std::min(a.m, m0 + kernel.block_rows));
+    }
+  }
+}
+
+}  // namespace speedx

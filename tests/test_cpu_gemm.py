@@ -1,0 +1,127 @@
+"""speedx._C.gemm_bf16_weight (CPU matmul on packed bf16 weights) and PackedBf16Linear, against
+their PyTorch twin: F.linear on the weights widened to fp32 (WideMatmulLinear)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedx import _C
+from speedx.models.layers import PackedBf16Linear, WideMatmulLinear
+
+_ALL_ISAS = ["baseline", "avx2", "avx512"]
+ISAS = _ALL_ISAS[: _ALL_ISAS.index(_C.cpu_isa()) + 1]  # the SIMD paths this CPU can run
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    n, k = weight.shape
+    packed = torch.empty(_C.packed_weight_size(n, k), dtype=torch.bfloat16)
+    _C.pack_bf16_weight(weight.contiguous().data_ptr(), n, k, packed.data_ptr(), 2)
+    return packed
+
+
+def gemm(x, packed, n, bias=None, out_dtype=torch.float32, isa="auto", num_threads=2):
+    m, k = x.shape
+    out = torch.full((m, n), float("nan"), dtype=out_dtype)  # every element must be written
+    _C.gemm_bf16_weight(
+        out.data_ptr(), x.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(), m, n, k,
+        str(x.dtype), str(out_dtype), num_threads, _debug_isa=isa,
+    )
+    return out
+
+
+def twin(x, weight, bias=None):
+    return F.linear(x.float(), weight.float(), bias)
+
+
+def fp32_tolerance(x, weight) -> torch.Tensor:
+    """Bound on the fp32 rounding difference between two summation orders, per output."""
+    return 1e-6 * (x.float().abs() @ weight.float().abs().T) * x.shape[1] ** 0.5 + 1e-30
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 7, 31), (13, 67, 33), (37, 130, 100), (64, 96, 64), (200, 40, 70)])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_matches_the_twin_on_odd_shapes(isa, m, k, n, x_dtype):
+    gen = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    x = torch.randn(m, k, generator=gen).to(x_dtype)
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen)
+    ref = twin(x, weight, bias)
+    out = gemm(x, pack(weight), n, bias, isa=isa)
+    assert ((out - ref).abs() <= fp32_tolerance(x, weight)).all()
+    # bf16 output: the twin's value rounded once (a different summation order may land on the
+    # neighbouring bf16 only when the fp32 sum sits next to a rounding boundary).
+    out16 = gemm(x, pack(weight), n, bias, out_dtype=torch.bfloat16, isa=isa).float()
+    assert ((out16 - ref).abs() <= ref.abs() * 2.0**-8 + fp32_tolerance(x, weight)).all()
+    assert (out16 == ref.bfloat16().float()).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_exact_when_every_partial_sum_is_representable(isa):
+    # Small integers: each product and partial sum is exact in fp32, so any order gives the twin's bits.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(-8, 9, (29, 75), generator=gen).float()
+    weight = torch.randint(-8, 9, (45, 75), generator=gen).bfloat16()
+    bias = torch.randint(-100, 100, (45,), generator=gen).float()
+    assert torch.equal(gemm(x, pack(weight), 45, bias, isa=isa), twin(x, weight, bias))
+    assert torch.equal(gemm(x.bfloat16(), pack(weight), 45, None, torch.bfloat16, isa), twin(x, weight).bfloat16())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_row_gets_the_same_bits_alone_in_any_batch_and_thread_count(isa):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 300, generator=gen).bfloat16()
+    packed, n = pack(torch.randn(90, 300, generator=gen).bfloat16()), 90
+    full = gemm(x, packed, n, isa=isa, num_threads=2)
+    assert torch.equal(gemm(x, packed, n, isa=isa, num_threads=1), full)
+    for row in (0, 11, 49):
+        assert torch.equal(gemm(x[row : row + 1], packed, n, isa=isa)[0], full[row])
+    assert torch.equal(gemm(x[7:20], packed, n, isa=isa), full[7:20])
+
+
+def test_nan_and_inf_stay_in_their_row():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 40, generator=gen).bfloat16()
+    x[1, 3], x[2, 5] = float("nan"), float("inf")
+    weight = torch.randn(33, 40, generator=gen).bfloat16()
+    out = gemm(x, pack(weight), 33, out_dtype=torch.bfloat16).float()
+    ref = twin(x, weight)
+    assert out[1].isnan().all()
+    assert out[2].isinf().all() and torch.equal(out[2].sign(), ref[2].sign())
+    finite = [0, 3]
+    assert ((out[finite] - ref[finite]).abs() <= ref[finite].abs() * 2.0**-8 + fp32_tolerance(x[finite], weight)).all()
+
+
+def test_packed_linear_module_matches_the_wide_twin():
+    gen = torch.Generator().manual_seed(3)
+    linear = nn.Linear(70, 130, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(130, 70, generator=gen))
+        linear.bias.copy_(torch.randn(130, generator=gen))
+    x = torch.randn(3, 5, 70, generator=gen).bfloat16()  # any leading shape, like nn.Linear
+    for out_dtype in (torch.bfloat16, torch.float32):
+        ours, wide = PackedBf16Linear(linear, out_dtype)(x), WideMatmulLinear(linear, out_dtype)(x)
+        assert ours.shape == wide.shape == (3, 5, 130) and ours.dtype == wide.dtype == out_dtype
+        ref = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+        assert ((ours.float() - ref).abs() <= ref.abs() * 2.0**-8 + 1e-4).all()
+        assert (ours == wide).float().mean() > 0.97
+
+
+def test_bad_arguments_are_clear_errors():
+    packed = pack(torch.randn(8, 4).bfloat16())
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="x and out must be float32 or bfloat16, not float16"):
+        gemm(x.half(), packed, 8)
+    with pytest.raises(ValueError, match="need m >= 0, n >= 1, k >= 1; got m=2, n=0"):
+        _C.gemm_bf16_weight(1, x.data_ptr(), packed.data_ptr(), 0, 2, 0, 4, "float32", "float32", 1)
+    with pytest.raises(ValueError, match="dtype must be 'bfloat16', 'float16' or 'float32', got 'int8'"):
+        _C.gemm_bf16_weight(1, x.data_ptr(), packed.data_ptr(), 0, 2, 8, 4, "int8", "float32", 1)
+    with pytest.raises(ValueError, match="gemm_bf16_weight: isa must be 'auto', 'avx512', 'avx2' or 'baseline'"):
+        gemm(x, packed, 8, isa="sse9")
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        gemm(x, packed, 8, num_threads=0)
+    with pytest.raises(ValueError, match="PackedBf16Linear writes bfloat16 or float32"):
+        PackedBf16Linear(nn.Linear(4, 8), torch.float16)
