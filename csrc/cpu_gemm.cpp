@@ -31,6 +31,8 @@ template <int W> constexpr int kTileRows = W == 16 ? 12 : W == 8 ? 3 : 1;
 // Rows per block: the block's fp32 x rows stay in L2 while every panel streams past them.
 template <int W> constexpr int64_t kBlockRows = 16 * kTileRows<W>;
 
+constexpr int64_t kPrefetchRows = 16;  // panel rows (64 bytes each) to prefetch ahead
+
 struct Job {
   const Bf16WeightGemmArgs& a;
   const float* x;  // fp32, tile-major: rows m0 .. m0+R-1 as [k][R] at x + m0 * k (see pack_rows)
@@ -65,6 +67,7 @@ SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0) {
 
   F acc[R][V] = {};
   for (int64_t k = 0; k < K; ++k) {
+    __builtin_prefetch(panel + (k + kPrefetchRows) * P);  // weights come from memory: ask early
     F w[V];
 #pragma GCC unroll 8
     for (int v = 0; v < V; v += 2) {
