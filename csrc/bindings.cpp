@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include "block_pool.h"
+#include "cpu_activation.h"
 #include "cpu_attention.h"
 #include "cpu_gemm.h"
 #include "cpu_norm.h"
@@ -230,6 +231,17 @@ PYBIND11_MODULE(_C, m) {
       py::arg("eps"), py::arg("dtype"), py::arg("num_threads"),
       "RMSNorm of x [m, h] into out, on CPU (cpu_norm.h); with a residual (else 0), x + residual is\n"
       "normalised and stored in residual_out. All data_ptr() of C-contiguous tensors of `dtype`.");
+  m.def(
+      "silu_mul_bf16",
+      [](uintptr_t out, uintptr_t gate_up, int64_t m, int64_t i, int num_threads) {
+        const speedx::SiluMulArgs args{reinterpret_cast<void*>(out), reinterpret_cast<const void*>(gate_up), m, i,
+                                       num_threads};
+        py::gil_scoped_release nogil;
+        speedx::silu_mul_bf16(args);
+      },
+      py::arg("out"), py::arg("gate_up"), py::arg("m"), py::arg("i"), py::arg("num_threads"),
+      "out [m, i] = silu(gate) * up of gate_up [m, 2i] (gate first), bf16, on CPU (cpu_activation.h).\n"
+      "data_ptr() of C-contiguous bf16 tensors.");
   m.def("cpu_isa", [] { return speedx::cpu_isa_name(speedx::best_cpu_isa()); },
         "SIMD path the CPU kernels (paged_decode_attention, gemm_bf16_weight) use here: 'avx512', 'avx2' or 'baseline'.");
 }

@@ -64,26 +64,6 @@ SPEEDX_INLINE void store_row(bf16* __restrict dst, const float* __restrict src, 
   for (; i < n; ++i) from_f32(src[i] * mul, dst + i);
 }
 
-// exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp); exactly 0 below -87 so that padding
-// scores (-inf) get zero weight.
-template <typename F>
-SPEEDX_INLINE F exp_nonpos(const F& x) {
-  using I = decltype(x < x);  // the matching int vector
-  const F lo = F{} - 87.0f;
-  const F xc = x < lo ? lo : x;
-  const F n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-  const F r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;           // x - n ln2, in two parts
-  F p = F{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const F y = p * r * r + r + 1.0f;
-  const I e = (__builtin_convertvector(n, I) + 127) << 23;  // 2^n, n in [-126, 0]
-  return x < lo ? F{} : y * (F)e;
-}
-
 // One level of the lane-sum tree: lanes [0, W/2) of the result hold h-lane partial sums of x,
 // lanes [W/2, W) those of y (h = W/2 at the first level, halving down to 1).
 constexpr int tree_lane(int W, int h, int i, bool upper) {
@@ -192,7 +172,7 @@ SPEEDX_INLINE void attend(const PagedDecodeArgs& a, int64_t b, int64_t g, const 
     for (int64_t j = 1; j < Lv; ++j) m = m > s[h * Lv + j] ? m : s[h * Lv + j];
     const float mx = lane_reduce<W, true>(m);
     F sum{};
-    for (int64_t j = 0; j < Lv; ++j) sum += s[h * Lv + j] = exp_nonpos(s[h * Lv + j] - mx);
+    for (int64_t j = 0; j < Lv; ++j) sum += s[h * Lv + j] = vexp(s[h * Lv + j] - mx);
     w.inv[h] = 1.0f / lane_reduce<W, false>(sum);
   }
 

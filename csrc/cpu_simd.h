@@ -6,6 +6,7 @@
 // the widest the CPU supports is picked at run time, so the wheel runs on any x86-64.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -88,6 +89,26 @@ SPEEDX_INLINE typename Vec<W>::u round_interleave_bf16(const typename Vec<W>::f&
   const U re = (e & 0x7fffffffu) > 0x7f800000u ? (e >> 16) | 0x40u : (e + 0x7fffu + ((e >> 16) & 1u)) >> 16;
   const U ro = (o & 0x7fffffffu) > 0x7f800000u ? o | 0x400000u : o + 0x7fffu + ((o >> 16) & 1u);
   return re | (ro & 0xffff0000u);
+}
+
+// exp(x) on vectors (Cephes expf polynomial, ~1 ulp): exactly 0 below -87 (so that -inf scores
+// get zero weight), inf above 88.7.
+template <typename F>
+SPEEDX_INLINE F vexp(const F& x) {
+  using I = decltype(x < x);  // the matching int vector
+  const F lo = F{} - 87.0f, hi = F{} + 88.0f;
+  const F xc = x < lo ? lo : x > hi ? hi : x;
+  const F n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
+  const F r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;           // x - n ln2, in two parts
+  F p = F{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const F y = p * r * r + r + 1.0f;
+  const I e = (__builtin_convertvector(n, I) + 127) << 23;  // 2^n, n in [-126, 127]
+  return x < lo ? F{} : x > 88.7f ? F{} + INFINITY : y * (F)e;
 }
 
 }  // namespace simd

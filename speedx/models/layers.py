@@ -117,8 +117,21 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.device.type == "cpu" and gate_up.dtype == torch.bfloat16:
+            return self.down_proj(_silu_mul_cpu(gate_up, self.intermediate_size))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+def _silu_mul_cpu(gate_up: torch.Tensor, intermediate_size: int) -> torch.Tensor:
+    """F.silu(gate) * up in one C++ pass (csrc/cpu_activation.cpp), rounding where PyTorch does."""
+    from speedx import _C
+
+    gate_up = gate_up.contiguous()
+    out = gate_up.new_empty(*gate_up.shape[:-1], intermediate_size)
+    _C.silu_mul_bf16(out.data_ptr(), gate_up.data_ptr(), out.numel() // intermediate_size, intermediate_size, torch.get_num_threads())
+    return out
 
 
 class WideMatmulLinear(nn.Module):
