@@ -11,6 +11,7 @@
 #include "cpu_attention.h"
 #include "cpu_gemm.h"
 #include "cpu_norm.h"
+#include "cpu_rope.h"
 
 namespace py = pybind11;
 using speedx::BlockPool;
@@ -242,6 +243,28 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("gate_up"), py::arg("m"), py::arg("i"), py::arg("num_threads"),
       "out [m, i] = silu(gate) * up of gate_up [m, 2i] (gate first), bf16, on CPU (cpu_activation.h).\n"
       "data_ptr() of C-contiguous bf16 tensors.");
+  m.def(
+      "rope_store_bf16",
+      [](uintptr_t q_out, uintptr_t k_cache, uintptr_t v_cache, uintptr_t qkv, const py::array& positions,
+         const py::array& slots, uintptr_t cos, uintptr_t sin, int64_t num_heads, int64_t num_kv_heads,
+         int64_t head_dim, int64_t max_position, int64_t num_slots, int num_threads) {
+        check_array<int64_t>(positions, "positions", 1, false);
+        check_array<int64_t>(slots, "slots", 1, false);
+        if (positions.shape(0) != slots.shape(0)) throw py::value_error("positions and slots must have one entry per token");
+        const speedx::RopeStoreArgs args{
+            reinterpret_cast<void*>(q_out), reinterpret_cast<void*>(k_cache), reinterpret_cast<void*>(v_cache),
+            reinterpret_cast<const void*>(qkv), static_cast<const int64_t*>(positions.data()),
+            static_cast<const int64_t*>(slots.data()), reinterpret_cast<const float*>(cos),
+            reinterpret_cast<const float*>(sin), positions.shape(0), num_heads, num_kv_heads, head_dim, max_position,
+            num_slots, num_threads};
+        py::gil_scoped_release nogil;
+        speedx::rope_store_bf16(args);
+      },
+      py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"), py::arg("qkv"), py::arg("positions"), py::arg("slots"),
+      py::arg("cos"), py::arg("sin"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
+      py::arg("max_position"), py::arg("num_slots"), py::arg("num_threads"),
+      "RoPE on the q and k of a fused bf16 QKV output; q to q_out, k and v to their cache slots (cpu_rope.h).\n"
+      "Tensors as data_ptr() of C-contiguous tensors; positions and slots int64 numpy arrays.");
   m.def("cpu_isa", [] { return speedx::cpu_isa_name(speedx::best_cpu_isa()); },
         "SIMD path the CPU kernels (paged_decode_attention, gemm_bf16_weight) use here: 'avx512', 'avx2' or 'baseline'.");
 }

@@ -39,13 +39,31 @@ class PagedAttention(nn.Module):
         self.kernel_mode = kernel_mode()
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, mode=self.kernel_mode)
+        qkv = self.qkv_proj(x)
+        if qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and self.kernel_mode != "triton":
+            q = self._rope_and_store_cpu(qkv, positions, meta.slot_mapping)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(-1, self.num_heads, self.head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+            q, k = self.rotary(positions, q, k)
+            store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, mode=self.kernel_mode)
         out = paged_attention(
             q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, self.scale, mode=self.kernel_mode
         )
         return self.o_proj(out.flatten(1))
+
+    def _rope_and_store_cpu(self, qkv: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """The rotary embedding and the cache store above in one C++ pass (csrc/cpu_rope.cpp), same rounding."""
+        from speedx import _C
+
+        qkv = qkv.contiguous()
+        q = qkv.new_empty(qkv.shape[0], self.num_heads, self.head_dim)
+        cos, sin = self.rotary.cos_table, self.rotary.sin_table
+        _C.rope_store_bf16(
+            q.data_ptr(), self.k_cache.data_ptr(), self.v_cache.data_ptr(), qkv.data_ptr(), positions.numpy(),
+            slot_mapping.numpy(), cos.data_ptr(), sin.data_ptr(), self.num_heads, self.num_kv_heads, self.head_dim,
+            cos.shape[0], self.k_cache.shape[0] * self.k_cache.shape[1], torch.get_num_threads(),
+        )
+        return q
