@@ -43,3 +43,22 @@ def test_chat_template_and_eos_come_from_the_checkpoint(default_llm):
     ids = default_llm.apply_chat_template(CONVERSATIONS[0])
     assert tok.decode(ids).startswith("<|im_start|>system")
     assert tok.eos_token_id in default_llm.engine.eos_token_ids
+
+
+def test_bf16_greedy_tokens_are_transformers_argmax_up_to_rounding():
+    """bf16 runs speedx's own CPU kernels (matmul, norm, RoPE, SwiGLU). Their sums run in another
+    order than transformers' bf16 ones, so exact ties can break the other way and the texts then
+    part; teacher-forced on speedx's tokens, every chosen token must still be transformers' top
+    logit to within two bf16 steps (a wrong kernel is off by whole units)."""
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16).eval()
+    llm = LLM("default", dtype="bfloat16", kv_cache_memory="256MiB")
+    for out in llm.chat(CONVERSATIONS, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False):
+        tokens = out.outputs[0].token_ids
+        ids = torch.tensor([out.prompt_token_ids + tokens])
+        with torch.no_grad():
+            logits = reference(ids).logits[0, len(out.prompt_token_ids) - 1 : -1].float()
+        chosen = logits.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1)
+        assert (logits.max(-1).values - chosen).max() <= 0.5
