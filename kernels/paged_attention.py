@@ -56,6 +56,8 @@ def _attend(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, dec
     """Decodes (packed first, one query row each) in one batched call, then each prompt chunk."""
     starts, lens = cu_seqlens_q.tolist(), kv_lens.tolist()
     num_decodes = _leading_decodes(starts)
+    if num_decodes == len(lens):  # a pure decode step: no packing needed
+        return decode(q, k_cache, v_cache, block_tables, kv_lens, max(lens), scale)
     out = torch.empty_like(q)
     if num_decodes:
         out[:num_decodes] = decode(

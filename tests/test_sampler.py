@@ -138,3 +138,17 @@ def test_counter_uniforms_equal_the_scalar_hash():
     seeds, samples, positions = zip(*rows)
     expected = [counter_uniform(*row) for row in rows]
     assert counter_uniforms(seeds, samples, positions).tolist() == expected
+
+
+def test_cpu_argmax_matches_torch_on_ties_nan_and_all_minus_inf():
+    from speedx.engine.sampler import _argmax
+
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 1000, generator=gen)
+    logits[1, [3, 7, 900]] = 50.0  # ties: the first wins
+    logits[2, [10, 20]] = float("nan")  # NaN counts as the maximum
+    logits[3] = float("-inf")
+    logits[4, -1] = float("inf")
+    with torch.inference_mode():
+        ours = _argmax(logits)
+        assert ours.dtype == torch.int64 and torch.equal(ours, logits.argmax(dim=-1))

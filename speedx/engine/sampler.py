@@ -93,6 +93,13 @@ def sample_tokens(
     return sample_tokens_torch(logits, temperature, top_k, top_p, min_p, uniforms)
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Index of each row's first maximum (NaN counts as the maximum, as in torch.argmax)."""
+    if logits.device.type == "cpu":  # numpy's argmax is ~6x faster than torch's on CPU, same answer
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
 def sample_tokens_torch(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -102,7 +109,7 @@ def sample_tokens_torch(
     uniforms: torch.Tensor,
 ) -> torch.Tensor:
     """logits [rows, vocab] fp32 -> token ids [rows]. temperature 0 means greedy (argmax)."""
-    tokens = logits.argmax(dim=-1)
+    tokens = _argmax(logits)
     sampled = (temperature > 0).nonzero().squeeze(1)
     if sampled.numel() == 0:
         return tokens
