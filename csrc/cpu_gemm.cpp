@@ -31,6 +31,16 @@ template <int W> constexpr int kTileRows = W == 16 ? 12 : W == 8 ? 3 : 1;
 // Rows per block: the block's fp32 x rows stay in L2 while every panel streams past them.
 template <int W> constexpr int64_t kBlockRows = 16 * kTileRows<W>;
 
+// A block of `rows` rows splits into as few tiles of at most `tile_rows` rows as possible, of
+// sizes that differ by at most one (64 rows: 11,11,11,11,10,10, not 12 x 5 + 4): short tiles waste
+// FMA slots. Tile i spans rows [start, start + size) of the block.
+struct TileSpan { int64_t start, size; };
+SPEEDX_INLINE int64_t tile_count(int64_t rows, int64_t tile_rows) { return (rows + tile_rows - 1) / tile_rows; }
+SPEEDX_INLINE TileSpan tile_span(int64_t rows, int64_t tile_rows, int64_t i) {
+  const int64_t n = tile_count(rows, tile_rows), base = rows / n, extra = rows % n;
+  return {i * base + std::min(i, extra), base + (i < extra ? 1 : 0)};
+}
+
 constexpr int64_t kPrefetchRows = 16;  // panel rows (64 bytes each) to prefetch ahead
 
 struct Job {
@@ -62,7 +72,7 @@ SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0) {
   constexpr int V = P / W;  // fp32 vectors per panel row: pairs (even columns, odd columns)
   const Bf16WeightGemmArgs& a = job.a;
   const int64_t K = a.k;
-  const float* x = job.x + m0 * K;  // [K][kTileRows], this tile's rows first
+  const float* x = job.x + m0 * K;  // [K][R]: this tile's rows, interleaved
   const uint16_t* panel = a.packed + p * K * P;
 
   F acc[R][V] = {};
@@ -78,7 +88,7 @@ SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0) {
     }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const float xr = x[k * kTileRows<W> + r];  // scalar * vector: an embedded broadcast
+      const float xr = x[k * R + r];  // scalar * vector: an embedded broadcast
 #pragma GCC unroll 8
       for (int v = 0; v < V; ++v) acc[r][v] += xr * w[v];
     }
@@ -117,20 +127,21 @@ SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0) {
   }
 }
 
-// A last tile of `rows` < kTileRows rows: the instantiation for exactly that many.
+// The instantiation for a tile of exactly `rows` (1 .. R) rows.
 template <int W, int R>
-SPEEDX_INLINE void short_tile(const Job& job, int64_t p, int64_t m0, int64_t rows) {
+SPEEDX_INLINE void any_tile(const Job& job, int64_t p, int64_t m0, int64_t rows) {
   if constexpr (R > 0) {
     if (rows == R) tile<W, R>(job, p, m0);
-    else short_tile<W, R - 1>(job, p, m0, rows);
+    else any_tile<W, R - 1>(job, p, m0, rows);
   }
 }
 
 template <int W>
 SPEEDX_INLINE void block(const Job& job, int64_t p, int64_t m0, int64_t m1) {
-  constexpr int R = kTileRows<W>;
-  for (; m0 + R <= m1; m0 += R) tile<W, R>(job, p, m0);
-  short_tile<W, R - 1>(job, p, m0, m1 - m0);
+  for (int64_t i = 0, n = tile_count(m1 - m0, kTileRows<W>); i < n; ++i) {
+    const TileSpan t = tile_span(m1 - m0, kTileRows<W>, i);
+    any_tile<W, kTileRows<W>>(job, p, m0 + t.start, t.size);
+  }
 }
 
 // Entry points, one per ISA level. The OpenMP region stays outside them: GCC outlines a parallel
@@ -199,29 +210,32 @@ void gemm_bf16_weight(const Bf16WeightGemmArgs& a) {
   if (!a.out || !a.x || !a.packed) fail("null data pointer");
 
   const Kernel kernel = pick(a.isa == CpuIsa::kAuto ? best_cpu_isa() : a.isa);
-  const int64_t R = kernel.tile_rows, K = a.k, tiles = (a.m + R - 1) / R;
+  const int64_t R = kernel.tile_rows, B = kernel.block_rows, K = a.k;
   std::vector<float>& x = x_scratch();
-  x.resize(size_t(tiles * R * K));
+  x.resize(size_t(a.m * K));
   const Job job{a, x.data()};
-  const int64_t panels = (a.n + P - 1) / P, blocks = (a.m + kernel.block_rows - 1) / kernel.block_rows;
-  const int64_t work = panels * blocks;
+  const int64_t panels = (a.n + P - 1) / P, blocks = (a.m + B - 1) / B;
+  const int64_t work = panels * blocks, tiles = (blocks - 1) * tile_count(B, R) + tile_count(a.m - (blocks - 1) * B, R);
   [[maybe_unused]] const int nt = int(std::min<int64_t>(a.num_threads, work));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    // x -> fp32 in tile-major order, so that a tile's broadcasts walk one contiguous stream.
+    // x -> fp32, each tile's rows interleaved ([k][row]), so that its broadcasts walk one stream.
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-      for (int64_t r = 0; r < R && t * R + r < a.m; ++r) {
-        float* dst = x.data() + t * R * K + r;
-        if (a.x_dtype == DType::kBFloat16) pack_row(dst, static_cast<const bf16*>(a.x) + (t * R + r) * K, K, R);
-        else pack_row(dst, static_cast<const float*>(a.x) + (t * R + r) * K, K, R);
+    for (int64_t i = 0; i < tiles; ++i) {
+      const int64_t b = i / tile_count(B, R), b0 = b * B, rows = std::min(B, a.m - b0);
+      const TileSpan t = tile_span(rows, R, i % tile_count(B, R));
+      for (int64_t r = 0; r < t.size; ++r) {
+        const int64_t row = b0 + t.start + r;
+        float* dst = x.data() + (b0 + t.start) * K + r;
+        if (a.x_dtype == DType::kBFloat16) pack_row(dst, static_cast<const bf16*>(a.x) + row * K, K, t.size);
+        else pack_row(dst, static_cast<const float*>(a.x) + row * K, K, t.size);
       }
     }
     // Static and block-major: with one row block, thread t streams its own contiguous run of panels.
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < work; ++i) {
-      const int64_t m0 = i / panels * kernel.block_rows;
-      kernel.fn(job, i % panels, m0, std::min(a.m, m0 + kernel.block_rows));
+      const int64_t m0 = i / panels * B;
+      kernel.fn(job, i % panels, m0, std::min(a.m, m0 + B));
     }
   }
 }
