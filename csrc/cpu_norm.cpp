@@ -141,7 +141,7 @@ void rms_norm(const RmsNormArgs& a) {
   const RowsFn fn = a.dtype == DType::kBFloat16 ? pick<bf16>(isa) : a.dtype == DType::kFloat16 ? pick<f16>(isa)
                                                                                                 : pick<float>(isa);
   // Threads only pay off past a few rows' worth of work (a fork costs microseconds).
-  [[maybe_unused]] const int nt = a.m * a.h >= (1 << 16) ? int(std::min<int64_t>(a.num_threads, a.m)) : 1;
+  [[maybe_unused]] const int nt = a.m * a.h >= (1 << 14) ? int(std::min<int64_t>(a.num_threads, a.m)) : 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     thread_local std::vector<float> scratch;

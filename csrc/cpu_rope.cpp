@@ -91,7 +91,7 @@ void rope_store_bf16(const RopeStoreArgs& a) {
   }
   const TokenFn fn = pick(best_cpu_isa());
   const int64_t work = a.m * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim;
-  [[maybe_unused]] const int nt = work >= (1 << 16) ? int(std::min<int64_t>(a.num_threads, a.m)) : 1;
+  [[maybe_unused]] const int nt = work >= (1 << 14) ? int(std::min<int64_t>(a.num_threads, a.m)) : 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     thread_local std::vector<float> cs;

@@ -178,16 +178,21 @@ class PackedBf16Linear(nn.Module):
         self.out_dtype = out_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.dtype not in (torch.bfloat16, torch.float32):
+        # Decoding calls this ~120 times a step: keep the host work to one allocation and one call.
+        rows = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, self.in_features).contiguous()
+        if rows.dtype not in _GEMM_DTYPE_NAMES:
             rows = rows.float()
-        rows = rows.contiguous()
-        out = torch.empty(rows.shape[0], self.out_features, dtype=self.out_dtype)
+        out = torch.empty((rows.shape[0], self.out_features), dtype=self.out_dtype)
+        bias = self.bias
         self._C.gemm_bf16_weight(
-            out.data_ptr(), rows.data_ptr(), self.packed_weight.data_ptr(), 0 if self.bias is None else self.bias.data_ptr(),
-            rows.shape[0], self.out_features, self.in_features, str(rows.dtype), str(self.out_dtype), torch.get_num_threads(),
+            out.data_ptr(), rows.data_ptr(), self.packed_weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            rows.shape[0], self.out_features, self.in_features, _GEMM_DTYPE_NAMES[rows.dtype],
+            _GEMM_DTYPE_NAMES[self.out_dtype], torch.get_num_threads(),
         )
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if rows is x else out.view(*x.shape[:-1], self.out_features)
+
+
+_GEMM_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
 def use_fast_cpu_matmuls(model: nn.Module, dtype: torch.dtype) -> None:
