@@ -202,20 +202,23 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "gemm_bf16_weight",
       [](uintptr_t out, uintptr_t x, uintptr_t packed, uintptr_t bias, int64_t m, int64_t n, int64_t k,
-         const std::string& x_dtype, const std::string& out_dtype, int num_threads, const std::string& isa) {
+         const std::string& x_dtype, const std::string& out_dtype, int num_threads, bool silu_mul,
+         const std::string& isa) {
         const speedx::Bf16WeightGemmArgs args{
             reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x),
             reinterpret_cast<const uint16_t*>(packed), reinterpret_cast<const float*>(bias), m, n, k,
             speedx::parse_dtype(x_dtype, "gemm_bf16_weight"), speedx::parse_dtype(out_dtype, "gemm_bf16_weight"),
-            num_threads, speedx::parse_cpu_isa(isa, "gemm_bf16_weight")};
+            num_threads, speedx::parse_cpu_isa(isa, "gemm_bf16_weight"), silu_mul};
         py::gil_scoped_release nogil;
         speedx::gemm_bf16_weight(args);
       },
       py::arg("out"), py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("m"), py::arg("n"), py::arg("k"),
-      py::arg("x_dtype"), py::arg("out_dtype"), py::arg("num_threads"), py::kw_only(), py::arg("_debug_isa") = "auto",
+      py::arg("x_dtype"), py::arg("out_dtype"), py::arg("num_threads"), py::arg("silu_mul") = false, py::kw_only(),
+      py::arg("_debug_isa") = "auto",
       "out[m, n] = x[m, k] @ w.T (+ bias) with w packed by pack_bf16_weight, on CPU, GIL released.\n"
       "out/x/packed/bias: data_ptr() of C-contiguous tensors (bias fp32 [n], or 0 for none); x and out\n"
-      "'float32' or 'bfloat16'. _debug_isa forces a narrower SIMD path ('avx2', 'baseline') for tests.");
+      "'float32' or 'bfloat16'. silu_mul: SwiGLU epilogue, out [m, n / 2] (see cpu_gemm.h). _debug_isa\n"
+      "forces a narrower SIMD path ('avx2', 'baseline') for tests.");
   m.def(
       "rms_norm",
       [](uintptr_t out, uintptr_t residual, uintptr_t residual_out, uintptr_t x, uintptr_t weight, int64_t m,

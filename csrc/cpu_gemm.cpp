@@ -4,7 +4,8 @@
 //   per k: one 64-byte panel row -> 32 fp32 weights (a shift and an and per W bf16 pairs: even
 //          columns in one vector, odd in the next), then for each of the R rows a broadcast of
 //          x[r, k] and 32/W FMAs into the tile's accumulators;
-//   at the end: + bias, round (bf16) or re-interleave (fp32), store.
+//   at the end: + bias, round (bf16) or re-interleave (fp32), store; or, for SwiGLU, silu(gate) * up
+//   of each (even, odd) column pair.
 // x is converted to fp32 once per call, each tile's rows interleaved. SIMD: see cpu_simd.h.
 #include "cpu_gemm.h"
 
@@ -102,6 +103,21 @@ SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0) {
         const int64_t c = (v / 2) * 2 * W + 2 * l + v % 2;
         bias[v][l] = c < cols ? a.bias[n0 + c] : 0.0f;
       }
+  if (a.silu_mul) {  // even columns: gate, odd: up (see cpu_gemm.h); P / 2 outputs per panel
+    const int64_t n_out = a.n / 2;
+    for (int r = 0; r < R; ++r) {
+      alignas(64) uint16_t row16[P / 2];
+      uint16_t* dst = cols == P ? static_cast<uint16_t*>(a.out) + (m0 + r) * n_out + n0 / 2 : row16;
+      for (int v = 0; v < V; v += 2) {
+        const F gate = round_bf16<W>(acc[r][v] + bias[v]), up = round_bf16<W>(acc[r][v + 1] + bias[v + 1]);
+        const F silu = round_bf16<W>(gate / (1.0f + vexp(-gate)));
+        const typename Vec<W>::h out = bf16_bits<W>(round_bf16<W>(silu * up));
+        std::memcpy(dst + v / 2 * W, &out, sizeof out);
+      }
+      if (cols < P) std::copy(row16, row16 + cols / 2, static_cast<uint16_t*>(a.out) + (m0 + r) * n_out + n0 / 2);
+    }
+    return;
+  }
   for (int r = 0; r < R; ++r) {
     alignas(64) uint16_t row16[P];  // staging for a panel cut short by n
     alignas(64) float row32[P];
@@ -206,6 +222,8 @@ void gemm_bf16_weight(const Bf16WeightGemmArgs& a) {
   for (DType d : {a.x_dtype, a.out_dtype})
     if (d == DType::kFloat16) fail("x and out must be float32 or bfloat16, not float16");
   if (a.num_threads < 1) fail("num_threads must be >= 1");
+  if (a.silu_mul && (a.n % 2 || a.out_dtype != DType::kBFloat16))
+    fail("the silu_mul epilogue needs an even n (gate and up rows interleaved) and a bfloat16 out");
   if (a.m == 0) return;
   if (!a.out || !a.x || !a.packed) fail("null data pointer");
 

@@ -27,6 +27,9 @@ struct Bf16WeightGemmArgs {
   DType x_dtype, out_dtype;  // each kFloat32 or kBFloat16
   int num_threads;
   CpuIsa isa = CpuIsa::kAuto;  // forcing a narrower path is for tests and benchmarks
+  // SwiGLU epilogue: weight rows interleave gate and up (row 2j: gate j, row 2j+1: up j); out is
+  // [m, n / 2] bf16 with out[:, j] = silu(gate_j) * up_j, each rounded as transformers does.
+  bool silu_mul = false;
 };
 
 // Checks the arguments (std::invalid_argument on a bad one), then computes the product. Each output

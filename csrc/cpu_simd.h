@@ -42,6 +42,7 @@ template <int W> struct Vec {
   typedef float f __attribute__((vector_size(W * 4), aligned(W * 4)));
   typedef int32_t i __attribute__((vector_size(W * 4), aligned(W * 4)));
   typedef uint32_t u __attribute__((vector_size(W * 4), aligned(W * 4)));
+  typedef uint16_t h __attribute__((vector_size(W * 2), aligned(W * 2)));
 };
 
 struct bf16 { uint16_t bits; };
@@ -89,6 +90,21 @@ SPEEDX_INLINE typename Vec<W>::u round_interleave_bf16(const typename Vec<W>::f&
   const U re = (e & 0x7fffffffu) > 0x7f800000u ? (e >> 16) | 0x40u : (e + 0x7fffu + ((e >> 16) & 1u)) >> 16;
   const U ro = (o & 0x7fffffffu) > 0x7f800000u ? o | 0x400000u : o + 0x7fffu + ((o >> 16) & 1u);
   return re | (ro & 0xffff0000u);
+}
+
+// x rounded to bf16 (nearest even; NaN stays NaN), kept as fp32 values.
+template <int W>
+SPEEDX_INLINE typename Vec<W>::f round_bf16(const typename Vec<W>::f& x) {
+  using U = typename Vec<W>::u;
+  const U u = (U)x;
+  const U r = (u & 0x7fffffffu) > 0x7f800000u ? u | 0x400000u : u + 0x7fffu + ((u >> 16) & 1u);
+  return (typename Vec<W>::f)(r & 0xffff0000u);
+}
+
+// W values already rounded to bf16 (round_bf16) -> their W bf16 bit patterns.
+template <int W>
+SPEEDX_INLINE typename Vec<W>::h bf16_bits(const typename Vec<W>::f& rounded) {
+  return __builtin_convertvector((typename Vec<W>::u)rounded >> 16, typename Vec<W>::h);
 }
 
 // exp(x) on vectors (Cephes expf polynomial, ~1 ulp): exactly 0 below -87 (so that -inf scores

@@ -54,10 +54,10 @@ def paged_attention_cpu(
 
 def _attend(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, decode) -> torch.Tensor:
     """Decodes (packed first, one query row each) in one batched call, then each prompt chunk."""
+    if q.shape[0] == kv_lens.shape[0]:  # one query row per sequence: a pure decode step, no packing
+        return decode(q, k_cache, v_cache, block_tables, kv_lens, int(kv_lens.max()), scale)
     starts, lens = cu_seqlens_q.tolist(), kv_lens.tolist()
     num_decodes = _leading_decodes(starts)
-    if num_decodes == len(lens):  # a pure decode step: no packing needed
-        return decode(q, k_cache, v_cache, block_tables, kv_lens, max(lens), scale)
     out = torch.empty_like(q)
     if num_decodes:
         out[:num_decodes] = decode(

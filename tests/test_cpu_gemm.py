@@ -125,3 +125,57 @@ def test_bad_arguments_are_clear_errors():
         gemm(x, packed, 8, num_threads=0)
     with pytest.raises(ValueError, match="PackedBf16Linear writes bfloat16 or float32"):
         PackedBf16Linear(nn.Linear(4, 8), torch.float16)
+
+
+def swiglu_twin(x, weight, bias, size):
+    """transformers' bf16 SwiGLU activation: gate and up projections rounded, silu rounded, product rounded."""
+    gate, up = twin(x, weight, bias).bfloat16().split(size, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k,size", [(1, 8, 16), (11, 40, 13), (64, 96, 48), (30, 17, 70)])
+def test_silu_mul_epilogue_matches_the_swiglu_twin(isa, m, k, size):
+    gen = torch.Generator().manual_seed(m + k + size)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    linear = nn.Linear(k, 2 * size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(2 * size, k, generator=gen))
+        linear.bias.copy_(torch.randn(2 * size, generator=gen))
+    fused = PackedBf16Linear(linear, torch.bfloat16, silu_mul=True)
+    out = torch.full((m, size), float("nan"), dtype=torch.bfloat16)
+    _C.gemm_bf16_weight(
+        out.data_ptr(), x.data_ptr(), fused.packed_weight.data_ptr(), fused.bias.data_ptr(), m, 2 * size, k,
+        "bfloat16", "bfloat16", 2, True, _debug_isa=isa,
+    )
+    ref = swiglu_twin(x, linear.weight, linear.bias.float(), size)
+    if isa == _C.cpu_isa():  # the module runs the widest path
+        assert torch.equal(fused(x), out)
+    # Only a gate or up sum sitting on a bf16 rounding boundary can move (then one step, carried on).
+    assert ((out.float() - ref.float()).abs() <= ref.float().abs() * 2.0**-6 + 1e-6).all()
+    assert (out == ref).float().mean() > 0.97
+
+
+def test_swiglu_runs_its_activation_in_the_matmul_on_avx512():
+    from speedx.models.layers import SwiGLU, use_fast_cpu_matmuls
+
+    gen = torch.Generator().manual_seed(12)
+    mlp = SwiGLU(32, 48).bfloat16()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    x = torch.randn(9, 32, generator=gen).bfloat16()
+    ref = mlp.down_proj(swiglu_twin(x, mlp.gate_up_proj.weight, None, 48))
+    use_fast_cpu_matmuls(nn.ModuleList([mlp]), torch.bfloat16)  # as in a model: SwiGLU is a child
+    assert mlp.gate_up_proj.silu_mul == (_C.cpu_isa() == "avx512")
+    out = mlp(x)
+    assert ((out.float() - ref.float()).abs() <= ref.float().abs() * 2.0**-5 + 1e-3).all()
+
+
+def test_silu_mul_epilogue_checks_its_shape():
+    packed = pack(torch.randn(8, 4).bfloat16())
+    x = torch.randn(2, 4).bfloat16()
+    with pytest.raises(ValueError, match="silu_mul epilogue needs an even n"):
+        _C.gemm_bf16_weight(1, x.data_ptr(), packed.data_ptr(), 0, 2, 7, 4, "bfloat16", "bfloat16", 1, True)
+    with pytest.raises(ValueError, match="silu_mul epilogue needs an even n .* and a bfloat16 out"):
+        _C.gemm_bf16_weight(1, x.data_ptr(), packed.data_ptr(), 0, 2, 8, 4, "bfloat16", "float32", 1, True)

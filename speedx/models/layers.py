@@ -118,6 +118,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        if getattr(self.gate_up_proj, "silu_mul", False):  # a PackedBf16Linear that applied it already
+            return self.down_proj(gate_up)
         if gate_up.device.type == "cpu" and gate_up.dtype == torch.bfloat16:
             return self.down_proj(_silu_mul_cpu(gate_up, self.intermediate_size))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
@@ -162,19 +164,28 @@ class PackedBf16Linear(nn.Module):
     the other rows of the batch.
     """
 
-    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype):
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, silu_mul: bool = False):
+        """silu_mul: the linear's output is [gate | up] (SwiGLU's fused projection); the layer then
+        returns silu(gate) * up, computed in the matmul's epilogue."""
         super().__init__()
-        if out_dtype not in (torch.bfloat16, torch.float32):
-            raise ValueError(f"PackedBf16Linear writes bfloat16 or float32, not {out_dtype}")
+        if out_dtype not in (torch.bfloat16, torch.float32) or (silu_mul and out_dtype != torch.bfloat16):
+            raise ValueError(f"PackedBf16Linear writes bfloat16 or float32 (bfloat16 with silu_mul), not {out_dtype}")
         from speedx import _C
 
         self._C = _C
-        self.out_features, self.in_features = linear.weight.shape
-        weight = linear.weight.detach().to(torch.bfloat16).contiguous()
-        packed = torch.empty(_C.packed_weight_size(self.out_features, self.in_features), dtype=torch.bfloat16)
-        _C.pack_bf16_weight(weight.data_ptr(), self.out_features, self.in_features, packed.data_ptr(), torch.get_num_threads())
+        self.silu_mul = silu_mul
+        rows, self.in_features = linear.weight.shape
+        weight = linear.weight.detach().to(torch.bfloat16)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        if silu_mul:  # rows gate 0, up 0, gate 1, up 1, ...: each gate lands next to its up
+            weight = _interleave_halves(weight)
+            bias = None if bias is None else _interleave_halves(bias)
+        weight = weight.contiguous()
+        self.out_features = rows // 2 if silu_mul else rows
+        packed = torch.empty(_C.packed_weight_size(rows, self.in_features), dtype=torch.bfloat16)
+        _C.pack_bf16_weight(weight.data_ptr(), rows, self.in_features, packed.data_ptr(), torch.get_num_threads())
         self.register_buffer("packed_weight", packed)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.contiguous(), requires_grad=False)
         self.out_dtype = out_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,13 +197,19 @@ class PackedBf16Linear(nn.Module):
         bias = self.bias
         self._C.gemm_bf16_weight(
             out.data_ptr(), rows.data_ptr(), self.packed_weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-            rows.shape[0], self.out_features, self.in_features, _GEMM_DTYPE_NAMES[rows.dtype],
-            _GEMM_DTYPE_NAMES[self.out_dtype], torch.get_num_threads(),
+            rows.shape[0], self.out_features * (2 if self.silu_mul else 1), self.in_features,
+            _GEMM_DTYPE_NAMES[rows.dtype], _GEMM_DTYPE_NAMES[self.out_dtype], torch.get_num_threads(), self.silu_mul,
         )
         return out if rows is x else out.view(*x.shape[:-1], self.out_features)
 
 
 _GEMM_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def _interleave_halves(t: torch.Tensor) -> torch.Tensor:
+    """Rows [a0 .. an-1, b0 .. bn-1] -> [a0, b0, a1, b1, ...]."""
+    half = t.shape[0] // 2
+    return torch.stack([t[:half], t[half:]], dim=1).reshape(t.shape)
 
 
 def use_fast_cpu_matmuls(model: nn.Module, dtype: torch.dtype) -> None:
@@ -203,7 +220,10 @@ def use_fast_cpu_matmuls(model: nn.Module, dtype: torch.dtype) -> None:
 
     packed = dtype == torch.bfloat16 and _C.cpu_isa() == "avx512"
     for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear):
+        if isinstance(child, SwiGLU) and packed:  # the activation runs in the gate/up matmul's epilogue
+            child.gate_up_proj = PackedBf16Linear(child.gate_up_proj, dtype, silu_mul=True)
+            child.down_proj = PackedBf16Linear(child.down_proj, dtype)
+        elif isinstance(child, nn.Linear):
             setattr(model, name, (PackedBf16Linear if packed else WideMatmulLinear)(child, dtype))
         else:
             use_fast_cpu_matmuls(child, dtype)
