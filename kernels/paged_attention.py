@@ -5,9 +5,15 @@ token at position p lives in block block_tables[seq, p // block_size], row p % b
 A step's queries are packed: sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q and
 attends causally to its kv_lens[i] cached tokens (the step's own K/V are stored first), i.e.
 query j of a sequence sits at absolute position kv_len - q_len + j.
+
+Decodes run batched; prompt chunks run through flash-attn's varlen kernel when it imports (CUDA,
+half precision), otherwise through PyTorch SDPA one chunk at a time.
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -63,10 +69,53 @@ def _attend(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, dec
         out[:num_decodes] = decode(
             q[:num_decodes], k_cache, v_cache, block_tables[:num_decodes], kv_lens[:num_decodes], max(lens[:num_decodes]), scale
         )
+    if num_decodes == len(lens):
+        return out
+    flash = _flash_varlen(q)
+    if flash is not None:  # every prompt chunk in one call
+        first = starts[num_decodes]
+        out[first:] = _prefill_flash(
+            flash, q[first:], k_cache, v_cache, block_tables[num_decodes:], starts[num_decodes:], lens[num_decodes:], scale
+        )
+        return out
     for i in range(num_decodes, len(lens)):
         start, end = starts[i], starts[i + 1]
         out[start:end] = _prefill_one(q[start:end], k_cache, v_cache, block_tables[i], lens[i], scale)
     return out
+
+
+@functools.cache
+def _flash_attn_varlen_func():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # not installed, or built against another torch / CUDA
+        return None
+    return flash_attn_varlen_func
+
+
+def _flash_varlen(q: torch.Tensor):
+    """flash-attn's varlen kernel for prompt chunks: on CUDA, in half precision, when it imports."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return _flash_attn_varlen_func()
+
+
+def _prefill_flash(flash, q, k_cache, v_cache, block_tables, starts, lens, scale):
+    """Prompt chunks (rows starts[i]:starts[i+1] of the packed q, offsets from starts[0]) against their
+    gathered K/V in one flash-attn varlen call. Its causal mask is aligned bottom-right, i.e. query j
+    of an n-row chunk sits at position kv_len - n + j, as in _prefill_one."""
+    block_size = k_cache.shape[1]
+    keys, values = [], []
+    for table, kv_len in zip(block_tables, lens):
+        block_ids = table[: -(-kv_len // block_size)].long()
+        keys.append(_gather(k_cache, block_ids)[:kv_len])
+        values.append(_gather(v_cache, block_ids)[:kv_len])
+    cu_q = torch.tensor([start - starts[0] for start in starts], dtype=torch.int32, device=q.device)
+    cu_k = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=q.device)
+    max_q = max(end - start for start, end in zip(starts, starts[1:]))
+    return flash(
+        q, torch.cat(keys), torch.cat(values), cu_q, cu_k, max_q, max(lens), softmax_scale=scale, causal=True
+    )
 
 
 def _decode_batch_cpp(q, k_cache, v_cache, block_tables, kv_lens, max_kv_len, scale):
