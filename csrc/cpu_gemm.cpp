@@ -249,11 +249,12 @@ void gemm_bf16_weight(const Bf16WeightGemmArgs& a) {
         else pack_row(dst, static_cast<const float*>(a.x) + row * K, K, t.size);
       }
     }
-    // Static and block-major: with one row block, thread t streams its own contiguous run of panels.
+    // Static and panel-major: thread t streams its own contiguous run of panels, each through every
+    // row block while it is in cache; the threads get equal shares of every block.
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < work; ++i) {
-      const int64_t m0 = i / panels * B;
-      kernel.fn(job, i % panels, m0, std::min(a.m, m0 + B));
+      const int64_t m0 = i % blocks * B;
+      kernel.fn(job, i / blocks, m0, std::min(a.m, m0 + B));
     }
   }
 }
