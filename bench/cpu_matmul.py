@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedx import _C
-from speedx.models.layers import PackedBf16Linear
+from speedx.models.cpu_linear import PackedBf16Linear
 
 # (name, in_features, out_features) of SmolLM2-135M: fused qkv, o, fused gate/up, down, lm_head.
 SMOLLM2_SHAPES = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576), ("lm_head", 576, 49152)]

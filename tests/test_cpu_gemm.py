@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedx import _C
-from speedx.models.layers import PackedBf16Linear, WideMatmulLinear
+from speedx.models.cpu_linear import PackedBf16Linear, WideMatmulLinear
 
 _ALL_ISAS = ["baseline", "avx2", "avx512"]
 ISAS = _ALL_ISAS[: _ALL_ISAS.index(_C.cpu_isa()) + 1]  # the SIMD paths this CPU can run
@@ -157,7 +157,8 @@ def test_silu_mul_epilogue_matches_the_swiglu_twin(isa, m, k, size):
 
 
 def test_swiglu_runs_its_activation_in_the_matmul_on_avx512():
-    from speedx.models.layers import SwiGLU, use_fast_cpu_matmuls
+    from speedx.models.cpu_linear import use_fast_cpu_matmuls
+    from speedx.models.layers import SwiGLU
 
     gen = torch.Generator().manual_seed(12)
     mlp = SwiGLU(32, 48).bfloat16()

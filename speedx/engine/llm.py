@@ -15,7 +15,7 @@ from speedx.engine.llm_engine import LLMEngine
 from speedx.engine.model_runner import ModelRunner
 from speedx.engine.outputs import CompletionOutput, RequestOutput
 from speedx.engine.sampling_params import SamplingParams
-from speedx.models.layers import use_fast_cpu_matmuls
+from speedx.models.cpu_linear import use_fast_cpu_matmuls
 from speedx.models.llama import LlamaForCausalLM
 from speedx.models.lora import LoRAAdapter
 from speedx.models.loader import is_gguf, load_config_and_weights, load_tokenizer, resolve_model_path
@@ -220,7 +220,7 @@ def _error_output(request_id: str, prompt, message: str) -> RequestOutput:
 
 
 def _cpu_has_amx() -> bool:
-    # With AMX tiles bf16 GEMM is fast natively; without them speedx's own matmuls win (layers.py).
+    # With AMX tiles bf16 GEMM is fast natively; without them speedx's own matmuls win (cpu_linear.py).
     return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
 
 
