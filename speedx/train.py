@@ -14,6 +14,7 @@ Scaling study: `--scaling 1000,2000,4000` trains on nested subsets of the data, 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scaling study on nested subsets of these sizes (e.g. 1000,2000,4000)")
     p.add_argument("--eval-tasks", default=None, help="comma list of evaluation tasks (speedx.embed.evaluation) "
                    f"run after training (default: none; {DEFAULT_SCALING_TASKS} with --scaling)")
+    p.add_argument("--eval-instruction", default=None, help="task instruction for the evaluation's retrieval queries, "
+                   "given them as in training (`Instruct: {instruction}\\nQuery: {query}`); default: bare queries")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -75,9 +78,16 @@ def parse_tasks(text: str | None) -> list[str]:
     return tasks
 
 
+def query_prefix(instruction: str | None) -> str | None:
+    """What training puts before a query with this instruction (None: nothing)."""
+    from speedx.embed.data import format_query
+
+    return format_query("", instruction) if instruction else None
+
+
 def run(args) -> int:
     from speedx.embed.data import load_training_rows
-    from speedx.embed.scaling import nested_subsets, parse_sizes
+    from speedx.embed.scaling import default_evaluator, nested_subsets, parse_sizes
 
     # Cheap checks first (the trainer import takes seconds).
     sizes = parse_sizes(args.scaling) if args.scaling is not None else None
@@ -102,10 +112,11 @@ def run(args) -> int:
     out = Path(args.out or ("speedx-out/scaling" if sizes else "speedx-out/model"))
     ensure_writable_dir(out)
 
+    evaluate = functools.partial(default_evaluator, query_instruction=query_prefix(args.eval_instruction))
     if sizes:
         from speedx.embed.scaling import run_scaling
 
-        run_scaling(rows, sizes, cfg, tasks, out)
+        run_scaling(rows, sizes, cfg, tasks, out, evaluate=evaluate)
         print(f"wrote {out / 'scaling.json'} and {out / 'scaling.png'}")
         return 0
 
@@ -117,9 +128,7 @@ def run(args) -> int:
     print(f"trained on {stats['examples']} examples: {stats['steps']} steps, loss {stats['train_loss']:.4f}, "
           f"{stats['train_seconds']:.0f} s; saved to {out}")
     if tasks:
-        from speedx.embed.scaling import default_evaluator
-
-        results = default_evaluator(model, tasks)
+        results = evaluate(model, tasks)
         (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         for task, result in results.items():
             print(f"{task}: {result['main_score']:.4f}")

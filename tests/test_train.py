@@ -232,17 +232,17 @@ def test_cli_scaling_study_with_a_stub_evaluator(tmp_path, monkeypatch, capsys):
     scores = iter([0.2] + [0.3 + 0.02 * math.log(n) for n in (8, 16, 32)])  # base model, then each size
     seen = []
 
-    def fake_evaluate(model, tasks):
-        seen.append(tasks)
+    def fake_evaluate(model, tasks, query_instruction=None):
+        seen.append((tasks, query_instruction))
         return {t: {"main_score": s} for t, s in zip(tasks, [next(scores)] * len(tasks))}
 
     monkeypatch.setattr(scaling, "default_evaluator", fake_evaluate)
     data = write_jsonl(tmp_path / "examples.jsonl", toy_examples())
     out = tmp_path / "scaling"
     rc = main(["--data", data, "--out", str(out), "--scaling", "32,8,16", "--max-steps", "1", "--batch-size", "4",
-               "--eval-tasks", "toy", "--device", "cpu", "--no-progress"])
+               "--eval-tasks", "toy", "--eval-instruction", "Find the passage", "--device", "cpu", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
-    assert seen == [["toy"]] * 4
+    assert seen == [(["toy"], "Instruct: Find the passage\nQuery: ")] * 4  # queries prefixed as in training
     report = json.loads((out / "scaling.json").read_text())
     assert [r["n"] for r in report["table"]] == [8, 16, 32] and all(r["steps"] == 1 for r in report["table"])
     assert report["base"]["score"] == pytest.approx(0.2)

@@ -52,11 +52,12 @@ def fit_log_linear(sizes, scores) -> dict:
     return {"a": float(a), "b": float(b), "per_doubling": float(b * math.log(2)), "r2": r2}
 
 
-def default_evaluator(model, tasks: list[str]) -> dict:
-    """speedx.embed.evaluation.evaluate_model: {task: {"main_score": float, ...}}."""
+def default_evaluator(model, tasks: list[str], query_instruction: str | None = None) -> dict:
+    """speedx.embed.evaluation.evaluate_model: {task: {"main_score": float, ...}}; query_instruction
+    goes before every retrieval query."""
     from speedx.embed.evaluation import evaluate_model
 
-    return evaluate_model(model, tasks)
+    return evaluate_model(model, tasks, query_instruction=query_instruction)
 
 
 def mean_score(results: dict) -> float:
