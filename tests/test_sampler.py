@@ -152,3 +152,21 @@ def test_cpu_argmax_matches_torch_on_ties_nan_and_all_minus_inf():
     with torch.inference_mode():
         ours = _argmax(logits)
         assert ours.dtype == torch.int64 and torch.equal(ours, logits.argmax(dim=-1))
+
+
+def test_bitmask_twin_hides_cleared_bits_and_greedy_picks_the_best_allowed():
+    from speedx.engine.sampler import apply_bitmask, sample_tokens
+
+    gen = torch.Generator().manual_seed(13)
+    rows, vocab = 5, 70  # a last word only partly used
+    allowed = torch.rand(rows, vocab, generator=gen) < 0.5
+    allowed[:, 3] = True
+    words = torch.zeros(rows, 3, dtype=torch.int64)
+    for r, t in allowed.nonzero().tolist():
+        words[r, t // 32] |= 1 << (t % 32)
+    bitmask = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # bit 31 is the sign
+    logits = torch.randn(rows, vocab, generator=gen)
+    assert torch.equal(apply_bitmask(logits, bitmask), logits.masked_fill(~allowed, float("-inf")))
+    zeros = torch.zeros(rows)
+    tokens = sample_tokens(logits, zeros, zeros.long(), torch.ones(rows), zeros, zeros.double(), bitmask)
+    assert torch.equal(tokens, logits.masked_fill(~allowed, float("-inf")).argmax(-1))

@@ -74,6 +74,31 @@ def test_seeded_request_same_tokens_alone_or_batched(monkeypatch, tiny_llama):
     assert batched[1] == alone[0]
 
 
+@cpu_only
+def test_json_schema_rows_reach_the_triton_sampler_as_a_bitmask(monkeypatch, tiny_llama):
+    import json
+
+    from speedx.kernels import triton_sampling
+
+    path, _, tok = tiny_llama
+    prompts = random_prompts(len(tok), [6, 9], seed=15)
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}, "required": ["a"],
+              "additionalProperties": False}
+    params = [SamplingParams(temperature=0.0, max_tokens=24, json_schema=schema), SamplingParams(temperature=0.0, max_tokens=5)]
+    expected = generate(monkeypatch, "torch", path, prompts, params)
+    bitmasks = []
+    real = triton_sampling.sample_tokens_from_uniforms_triton
+    monkeypatch.setattr(triton_sampling, "sample_tokens_from_uniforms_triton",
+                        lambda *a, bitmask=None: bitmasks.append(bitmask if bitmask is None else bitmask.clone())
+                        or real(*a, bitmask=bitmask))  # (a clone: the engine refills its buffer each step)
+    assert generate(monkeypatch, "triton", path, prompts, params) == expected
+    assert any(b is not None for b in bitmasks)
+    # while both run, one row is the free request's: every bit set; the JSON row is restricted
+    assert all(int((b == -1).all(dim=1).sum()) == 1 for b in bitmasks if b is not None and len(b) == 2)
+    llm_text = tok.decode(expected[0][0])
+    assert set(json.loads(llm_text)) == {"a"}
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_greedy_engine_gpu_triton_equals_torch(monkeypatch, tiny_llama):

@@ -124,8 +124,14 @@ class ModelRunner:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else seq.request.eos_token_ids)
                 logits[r, banned] = float("-inf")
         # JSON-schema rows: only tokens their grammar allows next (EOS only once the JSON may end).
+        # The Triton sampler takes the bitmask itself; otherwise it is applied to the logits here.
+        bitmask = None
         if self.grammar_mask is not None:
-            self.grammar_mask.apply(logits, [seq.matcher for seq, _ in rows])
+            matchers = [seq.matcher for seq, _ in rows]
+            if use_triton(logits.device):
+                bitmask = self.grammar_mask.row_bitmask(logits, matchers)
+            else:
+                self.grammar_mask.apply(logits, matchers)
 
         params = [seq.params for seq, _ in rows]
 
@@ -140,4 +146,4 @@ class ModelRunner:
             column("temperature", np.float32), column("top_k", np.int64), column("top_p", np.float32),
             column("min_p", np.float32), uniforms,
         )
-        return sample_tokens(logits, temperature, top_k, top_p, min_p, uniforms)
+        return sample_tokens(logits, temperature, top_k, top_p, min_p, uniforms, bitmask)

@@ -83,14 +83,26 @@ def sample_tokens(
     top_p: torch.Tensor,
     min_p: torch.Tensor,
     uniforms: torch.Tensor,
+    bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sample_tokens_torch, or its Triton kernel per SPEEDX_KERNELS (kernels/dispatch.py). The Triton
-    draw is a race keyed by the same uniforms: same masks and distribution, other tokens."""
+    draw is a race keyed by the same uniforms: same masks and distribution, other tokens.
+    bitmask: int32 [rows, ceil(vocab / 32)], bit t of a row set = token t allowed (applied first)."""
     if use_triton(logits.device):
         from speedx.kernels.triton_sampling import sample_tokens_from_uniforms_triton
 
-        return sample_tokens_from_uniforms_triton(logits, temperature, top_k, top_p, min_p, uniforms)
+        return sample_tokens_from_uniforms_triton(logits, temperature, top_k, top_p, min_p, uniforms, bitmask=bitmask)
+    if bitmask is not None:
+        logits = apply_bitmask(logits, bitmask)
     return sample_tokens_torch(logits, temperature, top_k, top_p, min_p, uniforms)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits with -inf wherever the row's bitmask bit is clear."""
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :vocab].bool()
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,28 @@ class GrammarMask:
 
     def apply(self, logits: torch.Tensor, matchers: list) -> None:
         """Set to -inf the logits, in the rows whose matcher is not None, of every token the
-        grammar does not allow next. A parent and its pending forks share a matcher: one fill."""
+        grammar does not allow next."""
+        filled = self._fill(logits, matchers)
+        if filled is not None:
+            bitmask, rows = filled
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+            _xgr().apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
+
+    def row_bitmask(self, logits: torch.Tensor, matchers: list) -> torch.Tensor | None:
+        """The same constraint as an int32 [rows, ceil(vocab / 32)] bitmask on logits' device, every
+        bit set in the unconstrained rows (what the Triton sampler takes); None if no row is constrained."""
+        filled = self._fill(logits, matchers)
+        if filled is None:
+            return None
+        bitmask, rows = filled
+        free = sorted(set(range(len(matchers))) - set(rows))
+        if free:
+            bitmask[free] = -1
+        return bitmask.to(logits.device, non_blocking=True)
+
+    def _fill(self, logits: torch.Tensor, matchers: list) -> tuple[torch.Tensor, list[int]] | None:
+        """Fills the host bitmask rows of the constrained sequences (a parent and its pending forks
+        share a matcher: one fill, then a copy). Returns it and those rows, or None if there are none."""
         first_row: dict[int, int] = {}
         fill, fill_rows, copy_to, copy_from = [], [], [], []
         for r, matcher in enumerate(matchers):
@@ -110,7 +131,7 @@ class GrammarMask:
                 fill.append(matcher)
                 fill_rows.append(r)
         if not fill:
-            return
+            return None
         xgr = _xgr()
         rows, vocab = logits.shape
         if self._bitmask is None or self._bitmask.shape[0] < rows or self._bitmask.shape[1] * 32 < vocab:
@@ -125,8 +146,7 @@ class GrammarMask:
         np.bitwise_and(words, self._allowed, out=words)  # rows left unfilled are never applied
         if copy_to:
             bitmask[copy_to] = bitmask[copy_from]
-        bitmask = bitmask.to(logits.device, non_blocking=True)
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=sorted(fill_rows + copy_to))
+        return bitmask, sorted(fill_rows + copy_to)
 
 
 def _bits(token_ids, words: int, invert: bool = False) -> np.ndarray:
