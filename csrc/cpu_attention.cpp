@@ -70,15 +70,6 @@ constexpr int tree_lane(int W, int h, int i, bool upper) {
   const int j = i % (W / 2);
   return (i < W / 2 ? 0 : W) + j / h * 2 * h + (upper ? h : 0) + j % h;
 }
-// Lane i of the result <- lane I_i of the concatenation x:y.
-template <int W, typename F, int... I>
-SPEEDX_INLINE F shuffle(const F& x, const F& y, std::integer_sequence<int, I...>) {
-#ifdef __clang__
-  return __builtin_shufflevector(x, y, I...);
-#else
-  return __builtin_shuffle(x, y, typename Vec<W>::i{I...});
-#endif
-}
 template <int W, int H, typename F, int... I>
 SPEEDX_INLINE F tree_step(const F& x, const F& y, std::integer_sequence<int, I...>) {
   return shuffle<W>(x, y, std::integer_sequence<int, tree_lane(W, H, I, false)...>{}) +

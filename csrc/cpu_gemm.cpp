@@ -46,18 +46,9 @@ constexpr int64_t kPrefetchRows = 16;  // panel rows (64 bytes each) to prefetch
 
 struct Job {
   const Bf16WeightGemmArgs& a;
-  const float* x;  // fp32, tile-major: rows m0 .. m0+R-1 as [k][R] at x + m0 * k (see pack_rows)
+  const float* x;  // fp32; a tile of R rows from row m0 is [k][R] at x + m0 * k (see gemm_bf16_weight)
 };
 
-// Lane i of the result <- lane I_i of the concatenation x:y.
-template <int W, typename F, int... I>
-SPEEDX_INLINE F shuffle(const F& x, const F& y, std::integer_sequence<int, I...>) {
-#ifdef __clang__
-  return __builtin_shufflevector(x, y, I...);
-#else
-  return __builtin_shuffle(x, y, typename Vec<W>::i{I...});
-#endif
-}
 // Columns 2l of a 2W-column group in `even`, 2l+1 in `odd` -> the group's first (Half = 0) or
 // second (Half = 1) W columns in order.
 template <int W, int Half, typename F, int... I>
@@ -65,36 +56,14 @@ SPEEDX_INLINE F interleave(const F& even, const F& odd, std::integer_sequence<in
   return shuffle<W>(even, odd, std::integer_sequence<int, (I % 2 ? W : 0) + Half * W / 2 + (I / 2)...>{});
 }
 
-// Rows m0 .. m0+R-1 of one panel: out[m0 + r, 32p + c] for c < min(32, n - 32p).
+// acc[r][v] of a tile: + bias, then rounded to bf16 or re-interleaved to fp32 columns, or, for
+// SwiGLU, silu(gate) * up of each (even, odd) column pair; a panel cut short by n goes via a stage.
 template <int W, int R>
-SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0) {
+SPEEDX_INLINE void store(const Bf16WeightGemmArgs& a, const typename Vec<W>::f (&acc)[R][P / W], int64_t p,
+                         int64_t m0) {
   using F = typename Vec<W>::f;
   using U = typename Vec<W>::u;
-  constexpr int V = P / W;  // fp32 vectors per panel row: pairs (even columns, odd columns)
-  const Bf16WeightGemmArgs& a = job.a;
-  const int64_t K = a.k;
-  const float* x = job.x + m0 * K;  // [K][R]: this tile's rows, interleaved
-  const uint16_t* panel = a.packed + p * K * P;
-
-  F acc[R][V] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    __builtin_prefetch(panel + (k + kPrefetchRows) * P);  // weights come from memory: ask early
-    F w[V];
-#pragma GCC unroll 8
-    for (int v = 0; v < V; v += 2) {
-      U pairs;
-      std::memcpy(&pairs, panel + k * P + v * W, sizeof pairs);
-      w[v] = (F)(pairs << 16);
-      w[v + 1] = (F)(pairs & 0xffff0000u);
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const float xr = x[k * R + r];  // scalar * vector: an embedded broadcast
-#pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) acc[r][v] += xr * w[v];
-    }
-  }
-
+  constexpr int V = P / W;
   const int64_t n0 = p * P, cols = std::min<int64_t>(P, a.n - n0);
   F bias[V] = {};
   if (a.bias)
@@ -141,6 +110,39 @@ SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0) {
       if (!whole) std::copy(row32, row32 + cols, static_cast<float*>(a.out) + (m0 + r) * a.n + n0);
     }
   }
+}
+
+// Rows m0 .. m0+R-1 of one panel: out[m0 + r, 32p + c] for c < min(32, n - 32p).
+template <int W, int R>
+SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0) {
+  using F = typename Vec<W>::f;
+  using U = typename Vec<W>::u;
+  constexpr int V = P / W;  // fp32 vectors per panel row: pairs (even columns, odd columns)
+  const Bf16WeightGemmArgs& a = job.a;
+  const int64_t K = a.k;
+  const float* x = job.x + m0 * K;  // [K][R]: this tile's rows, interleaved
+  const uint16_t* panel = a.packed + p * K * P;
+
+  F acc[R][V] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    __builtin_prefetch(panel + (k + kPrefetchRows) * P);  // weights come from memory: ask early
+    F w[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; v += 2) {
+      U pairs;
+      std::memcpy(&pairs, panel + k * P + v * W, sizeof pairs);
+      w[v] = (F)(pairs << 16);
+      w[v + 1] = (F)(pairs & 0xffff0000u);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[k * R + r];  // scalar * vector: an embedded broadcast
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[r][v] += xr * w[v];
+    }
+  }
+
+  store<W, R>(a, acc, p, m0);
 }
 
 // The instantiation for a tile of exactly `rows` (1 .. R) rows.

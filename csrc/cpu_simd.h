@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // vectors are passed by value only inside inlined code
@@ -79,6 +80,16 @@ SPEEDX_INLINE void from_f32(float f, f16* out) {  // after F. Giesen's float_to_
   r = a >= 0x477ff000u ? 0x7c00u : r;  // >= 65520 rounds to inf
   r = a > 0x7f800000u ? 0x7e00u : r;   // nan
   out->bits = uint16_t(sign | r);
+}
+
+// Lane i of the result <- lane I_i of the concatenation x:y.
+template <int W, typename F, int... I>
+SPEEDX_INLINE F shuffle(const F& x, const F& y, std::integer_sequence<int, I...>) {
+#ifdef __clang__
+  return __builtin_shufflevector(x, y, I...);
+#else
+  return __builtin_shuffle(x, y, typename Vec<W>::i{I...});
+#endif
 }
 
 // W fp32 lanes each of e (even columns) and o (odd columns) -> 2W bf16 in column order (one
