@@ -48,7 +48,7 @@ SPEEDX_INLINE void norm_row(const RmsNormArgs& a, int64_t row, float* __restrict
 }
 
 // bf16 rows, 2W values per step: even and odd elements widen to two fp32 vectors (a shift and an
-// and) and round_interleave_bf16 packs them back in order. The plain loops above serve the tail.
+// and) and round_interleave_bf16 packs them back in order; scalar loops take the tail.
 template <int W>
 SPEEDX_INLINE void norm_row_bf16(const RmsNormArgs& a, int64_t row) {
   using F = typename Vec<W>::f;

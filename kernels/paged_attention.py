@@ -60,7 +60,7 @@ def paged_attention_cpu(
 
 def _attend(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, decode) -> torch.Tensor:
     """Decodes (packed first, one query row each) in one batched call, then each prompt chunk."""
-    if q.shape[0] == kv_lens.shape[0]:  # one query row per sequence: a pure decode step, no packing
+    if 0 < q.shape[0] == kv_lens.shape[0]:  # one query row per sequence: a pure decode step, no packing
         return decode(q, k_cache, v_cache, block_tables, kv_lens, int(kv_lens.max()), scale)
     starts, lens = cu_seqlens_q.tolist(), kv_lens.tolist()
     num_decodes = _leading_decodes(starts)
@@ -69,8 +69,6 @@ def _attend(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, dec
         out[:num_decodes] = decode(
             q[:num_decodes], k_cache, v_cache, block_tables[:num_decodes], kv_lens[:num_decodes], max(lens[:num_decodes]), scale
         )
-    if num_decodes == len(lens):
-        return out
     flash = _flash_varlen(q)
     if flash is not None:  # every prompt chunk in one call
         first = starts[num_decodes]
