@@ -78,7 +78,7 @@ def test_rows_prefix_only_the_query_side(tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("{not json", ":2: invalid JSON"),
+    ("{not json", ":2: not valid JSON"),
     ('{"positive": "p"}', ":2: missing field 'query'"),
     ('{"query": "q"}', ":2: missing field 'positive'"),
     ('{"query": "q", "positive": ""}', ":2: field 'positive' must be a non-empty string"),

@@ -9,10 +9,11 @@ is taken as written (the export already prefixed it). Documents never get a pref
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
+
+from speedx.synth.run_files import numbered_json_lines
 
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {query}"
 DEFAULT_MAX_NEGATIVES = 1  # E5 / SPEED train on one hard negative per query
@@ -38,19 +39,12 @@ def load_training_rows(path: str | Path, max_negatives: int = DEFAULT_MAX_NEGATI
     if max_negatives < 0:
         raise DataError(f"max_negatives must be >= 0, got {max_negatives}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            row = _parse_row(record, f"{path}:{number}")
-            row["negatives"] = row["negatives"][:max_negatives]
-            rows.append(row)
+    for number, record in numbered_json_lines(path, error=DataError):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        row = _parse_row(record, f"{path}:{number}")
+        row["negatives"] = row["negatives"][:max_negatives]
+        rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no examples")
     return rows

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from speedx.embed.default_embedder import resolve_embedder
 from speedx.embed.mining import SAMPLING, check_settings
+from speedx.synth.run_files import numbered_json_lines
 
 EXIT_BAD_INPUT = 2
 DEFAULT_INPUT = "speedx-out/examples.jsonl"  # where `python -m speedx.generate` writes by default
@@ -66,13 +67,7 @@ def read_records(path: Path) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"--input {path} does not exist: give the examples.jsonl written by python -m speedx.generate")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record in numbered_json_lines(path):
         if not isinstance(record, dict) or not all(isinstance(record.get(f), str) and record[f].strip()
                                                    for f in ("query", "positive")):
             raise ValueError(f"{path}:{number}: each line needs non-empty string fields 'query' and 'positive'")
@@ -85,19 +80,14 @@ def read_records(path: Path) -> list[dict]:
 def read_corpus(path: Path) -> list[str]:
     if not path.is_file():
         raise ValueError(f"--corpus {path} does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix not in (".jsonl", ".json"):
-        return lines
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+    for number, item in numbered_json_lines(path):
         if isinstance(item, dict) and isinstance(item.get("text"), str):
             item = f"{item['title']} {item['text']}" if item.get("title") else item["text"]
         if not isinstance(item, str):
-            raise ValueError(f"{path}: line {number} must be a JSON string or an object with a string 'text'")
+            raise ValueError(f"{path}:{number}: must be a JSON string or an object with a string 'text'")
         texts.append(item)
     return texts
 

@@ -40,12 +40,21 @@ def read_jsonl(path: Path, repair: bool = False) -> Iterator[dict]:
         data = data[: data.rfind(b"\n") + 1]
         with open(path, "r+b") as f:
             f.truncate(len(data))
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    for _, record in numbered_json_lines(path, data.decode("utf-8")):
+        yield record
+
+
+def numbered_json_lines(path: Path, text: str | None = None, error: type[ValueError] = ValueError) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file (or of `text`, read from
+    it); a line that is not JSON raises `error` naming path:line."""
+    if text is None:
+        text = Path(path).read_text(encoding="utf-8")
+    for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
-                yield json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                raise error(f"{path}:{number}: not valid JSON ({exc.msg})") from None
 
 
 def ensure_writable_dir(out: Path, flag: str = "--out") -> None:
