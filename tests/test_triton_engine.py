@@ -74,29 +74,42 @@ def test_seeded_request_same_tokens_alone_or_batched(monkeypatch, tiny_llama):
     assert batched[1] == alone[0]
 
 
-@cpu_only
-def test_json_schema_rows_reach_the_triton_sampler_as_a_bitmask(monkeypatch, tiny_llama):
+JSON_SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}, "required": ["a"],
+               "additionalProperties": False}
+
+
+def check_bitmask_route(monkeypatch, tiny_llama, triton_mode, **llm_kwargs):
+    """A JSON-schema request and a free one: the Triton path gives the torch path's greedy tokens, and
+    the grammar reaches the sampler kernel as its bitmask (all bits set in the free row)."""
     import json
 
     from speedx.kernels import triton_sampling
 
     path, _, tok = tiny_llama
     prompts = random_prompts(len(tok), [6, 9], seed=15)
-    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}, "required": ["a"],
-              "additionalProperties": False}
-    params = [SamplingParams(temperature=0.0, max_tokens=24, json_schema=schema), SamplingParams(temperature=0.0, max_tokens=5)]
-    expected = generate(monkeypatch, "torch", path, prompts, params)
+    params = [SamplingParams(temperature=0.0, max_tokens=24, json_schema=JSON_SCHEMA), SamplingParams(temperature=0.0, max_tokens=5)]
+    expected = generate(monkeypatch, "torch", path, prompts, params, **llm_kwargs)
     bitmasks = []
     real = triton_sampling.sample_tokens_from_uniforms_triton
     monkeypatch.setattr(triton_sampling, "sample_tokens_from_uniforms_triton",
-                        lambda *a, bitmask=None: bitmasks.append(bitmask if bitmask is None else bitmask.clone())
-                        or real(*a, bitmask=bitmask))  # (a clone: the engine refills its buffer each step)
-    assert generate(monkeypatch, "triton", path, prompts, params) == expected
+                        lambda *a, bitmask=None: bitmasks.append(bitmask if bitmask is None else bitmask.cpu().clone())
+                        or real(*a, bitmask=bitmask))  # (a copy: the engine refills its buffer each step)
+    assert generate(monkeypatch, triton_mode, path, prompts, params, **llm_kwargs) == expected
     assert any(b is not None for b in bitmasks)
     # while both run, one row is the free request's: every bit set; the JSON row is restricted
     assert all(int((b == -1).all(dim=1).sum()) == 1 for b in bitmasks if b is not None and len(b) == 2)
-    llm_text = tok.decode(expected[0][0])
-    assert set(json.loads(llm_text)) == {"a"}
+    assert set(json.loads(tok.decode(expected[0][0]))) == {"a"}
+
+
+@cpu_only
+def test_json_schema_rows_reach_the_triton_sampler_as_a_bitmask(monkeypatch, tiny_llama):
+    check_bitmask_route(monkeypatch, tiny_llama, "triton")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_json_schema_rows_reach_the_gpu_triton_sampler_as_a_bitmask(monkeypatch, tiny_llama):
+    check_bitmask_route(monkeypatch, tiny_llama, "auto", device="cuda", block_size=16)  # decode steps replay graphs
 
 
 @pytest.mark.gpu
