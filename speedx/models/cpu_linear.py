@@ -13,7 +13,7 @@ from speedx.models.layers import SwiGLU
 class WideMatmulLinear(nn.Module):
     """A linear layer whose weights hold bf16/fp16 values but multiply in fp32 on the CPU.
 
-    On CPUs without AMX, PyTorch's bf16 GEMM runs 1.3-1.5x slower than its fp32 GEMM (measured by
+    On CPUs without AMX, PyTorch's bf16 GEMM runs 1.2-1.5x slower than its fp32 GEMM (measured by
     bench/cpu_matmul.py). Widening bf16 values to fp32 is exact and both accumulate in fp32, so the
     result, rounded back to the activation dtype, is the same bf16 arithmetic, only faster. It is
     also the PyTorch twin of PackedBf16Linear.
