@@ -31,8 +31,7 @@ SPEEDX_INLINE void silu_mul_row(const SiluMulArgs& a, int64_t row) {
     std::memcpy(&g, gate + j, sizeof g);
     std::memcpy(&u, up + j, sizeof u);
     const F ge = (F)(g << 16), go = (F)(g & 0xffff0000u);
-    const U s = round_interleave_bf16<W>(ge / (1.0f + vexp(-ge)), go / (1.0f + vexp(-go)));  // silu -> bf16
-    const U product = round_interleave_bf16<W>((F)(s << 16) * (F)(u << 16), (F)(s & 0xffff0000u) * (F)(u & 0xffff0000u));
+    const U product = round_interleave_bf16<W>(swiglu_bf16<W>(ge, (F)(u << 16)), swiglu_bf16<W>(go, (F)(u & 0xffff0000u)));
     std::memcpy(out + j, &product, sizeof product);
   }
   for (; j < a.i; ++j) from_f32(silu_mul_scalar(gate[j], up[j]), out + j);

@@ -79,8 +79,7 @@ SPEEDX_INLINE void store(const Bf16WeightGemmArgs& a, const typename Vec<W>::f (
       uint16_t* dst = cols == P ? static_cast<uint16_t*>(a.out) + (m0 + r) * n_out + n0 / 2 : row16;
       for (int v = 0; v < V; v += 2) {
         const F gate = round_bf16<W>(acc[r][v] + bias[v]), up = round_bf16<W>(acc[r][v + 1] + bias[v + 1]);
-        const F silu = round_bf16<W>(gate / (1.0f + vexp(-gate)));
-        const typename Vec<W>::h out = bf16_bits<W>(round_bf16<W>(silu * up));
+        const typename Vec<W>::h out = bf16_bits<W>(swiglu_bf16<W>(gate, up));
         std::memcpy(dst + v / 2 * W, &out, sizeof out);
       }
       if (cols < P) std::copy(row16, row16 + cols / 2, static_cast<uint16_t*>(a.out) + (m0 + r) * n_out + n0 / 2);

@@ -138,5 +138,12 @@ SPEEDX_INLINE F vexp(const F& x) {
   return x < lo ? F{} : x > 88.7f ? F{} + INFINITY : y * (F)e;
 }
 
+// transformers' bf16 SwiGLU activation on values already rounded to bf16:
+// round(round(silu(gate)) * up), silu(g) = g / (1 + exp(-g)) in fp32.
+template <int W>
+SPEEDX_INLINE typename Vec<W>::f swiglu_bf16(const typename Vec<W>::f& gate, const typename Vec<W>::f& up) {
+  return round_bf16<W>(round_bf16<W>(gate / (1.0f + vexp(-gate))) * up);
+}
+
 }  // namespace simd
 }  // namespace speedx
