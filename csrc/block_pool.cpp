@@ -131,16 +131,22 @@ int64_t BlockPool::allocate_sequence(int64_t seq_id, const std::vector<int64_t>&
   if (n < 1) bad("token_ids must not be empty");
   if (num_tokens < n) bad("num_tokens must be >= len(token_ids)");
 
-  // Longest verified cached prefix, leaving at least one token to compute.
+  // Longest verified cached prefix. The last prompt token is always computed (its logits start
+  // the output): when the hit covers the whole prompt, that token's block is copied rather than
+  // shared and only the token itself is recomputed (n copies of one prompt prefill it once).
   Sequence s;
+  uint64_t shared_hash = s.last_hash;  // chain state after the shared (not copied) hits
+  Parent shared_parent = s.parent;
   int64_t free_hits = 0;
   if (caching_) {
-    for (int64_t i = 0; i < (n - 1) / block_size_; ++i) {
+    for (int64_t i = 0; i < n / block_size_; ++i) {
       const int64_t* blk = tokens.data() + i * block_size_;
       uint64_t h = hash_block(s.last_hash, blk);
       auto it = cache_.find(h);
       if (it == cache_.end() || !same_content(it->second, blk, s.parent)) break;
       int32_t b = it->second;
+      shared_hash = s.last_hash;
+      shared_parent = s.parent;
       s.blocks.push_back(b);
       s.last_hash = h;
       s.parent = {b, gen_[b]};
@@ -148,17 +154,28 @@ int64_t BlockPool::allocate_sequence(int64_t seq_id, const std::vector<int64_t>&
     }
   }
   const int64_t hits = static_cast<int64_t>(s.blocks.size());
+  const bool copy_last = hits * block_size_ == n;
+  const int64_t shared = hits - copy_last;
   const int64_t total = ceil_div(num_tokens, block_size_);
-  if (total - hits + free_hits > num_free_) return -1;
+  if (total - shared + free_hits > num_free_) return -1;
 
   // Revive hits before allocating so the allocations cannot evict them.
   for (int32_t b : s.blocks) acquire(b);
+  if (copy_last) {
+    const int32_t src = s.blocks.back();
+    s.blocks.back() = allocate_block();
+    copies_.push_back({src, s.blocks.back()});
+    copy_sources_.push_back(src);  // held until take_copies(): nothing may evict it before the copy
+    s.last_hash = shared_hash;
+    s.parent = shared_parent;
+  }
   while (static_cast<int64_t>(s.blocks.size()) < total) s.blocks.push_back(allocate_block());
-  s.num_registered = hits;
+  s.num_registered = shared;
   seqs_.emplace(seq_id, std::move(s));
+  const int64_t cached = copy_last ? n - 1 : hits * block_size_;
   num_query_tokens_ += n;
-  num_hit_tokens_ += hits * block_size_;
-  return hits * block_size_;
+  num_hit_tokens_ += cached;
+  return cached;
 }
 
 bool BlockPool::ensure_capacity(int64_t seq_id, int64_t num_computed, int64_t num_tokens) {
@@ -235,6 +252,8 @@ void BlockPool::free_sequence(int64_t seq_id) {
 }
 
 std::vector<std::array<int32_t, 2>> BlockPool::take_copies() {
+  for (int32_t b : copy_sources_) release(b);  // the caller copies before it allocates again
+  copy_sources_.clear();
   return std::exchange(copies_, {});
 }
 

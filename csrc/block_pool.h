@@ -28,7 +28,9 @@ class BlockPool {
   BlockPool(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching,
             DebugHash debug_hash = DebugHash::kNone);
 
-  // Returns cached tokens (multiple of block_size), or -1 if out of blocks.
+  // Returns the number of cached tokens, or -1 if out of blocks. That is a multiple of block_size,
+  // except when the whole prompt is cached: then it is len(tokens) - 1, the last block is a copy
+  // of the cached one (see take_copies) and only the last token is left to compute.
   int64_t allocate_sequence(int64_t seq_id, const std::vector<int64_t>& tokens,
                             int64_t num_tokens);
   // Grow to num_tokens slots and copy-on-write shared blocks that will be
@@ -42,6 +44,7 @@ class BlockPool {
 
   bool has_sequence(int64_t seq_id) const { return seqs_.count(seq_id) != 0; }
   const std::vector<int32_t>& block_table(int64_t seq_id) const { return seq(seq_id).blocks; }
+  // The (src, dst) block copies owed since the last call; perform them before allocating again.
   std::vector<std::array<int32_t, 2>> take_copies();
 
   // Row i of out (n x m, row-major) = blocks of seq_ids[i], padded with -1.
@@ -109,6 +112,7 @@ class BlockPool {
 
   std::unordered_map<int64_t, Sequence> seqs_;
   std::vector<std::array<int32_t, 2>> copies_;
+  std::vector<int32_t> copy_sources_;  // sources of allocate_sequence's copies, held until taken
   int64_t num_query_tokens_ = 0, num_hit_tokens_ = 0;
 };
 

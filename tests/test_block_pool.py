@@ -118,12 +118,37 @@ def test_chained_miss():
     assert pool.allocate_sequence(2, toks(5, 2, tail=[0]), 9) == 0
 
 
-def test_hit_leaves_one_token_to_compute():
+def test_whole_prompt_hit_copies_the_last_block_and_leaves_one_token():
     pool = BlockPool(16, BS)
-    cache_one(pool, 1, toks(1, 2, 3))
-    assert pool.allocate_sequence(2, toks(1, 2, 3), 12) == 2 * BS  # (12-1)//4 = 2
+    table = cache_one(pool, 1, toks(1, 2, 3))
+    # All 12 tokens are cached, but the last one must be computed for its logits: the first two
+    # blocks are shared, the third is a copy of the cached one (written at slot 11 only).
+    assert pool.allocate_sequence(2, toks(1, 2, 3), 12) == 11
+    mine = pool.block_table(2)
+    assert mine[:2] == table[:2] and mine[2] != table[2]
+    assert pool.take_copies().tolist() == [[table[2], mine[2]]]
+    assert pool.num_hit_tokens == 11
+    # Its chain continues from the shared blocks: registering the copy keeps one cache entry, and
+    # the next identical prompt still hits all three cached blocks.
+    assert pool.register_blocks(2, toks(3)) == 3
+    assert pool.num_cached_blocks == 3
     assert pool.allocate_sequence(3, toks(1, 2, 3, tail=[5]), 13) == 3 * BS
-    assert pool.allocate_sequence(4, toks(1), 4) == 0
+    assert pool.block_table(3)[:3] == table[:3]
+    assert pool.allocate_sequence(4, toks(1), 4) == 3  # a one-block prompt: its block is copied
+    assert pool.take_copies().tolist() == [[table[0], pool.block_table(4)[0]]]
+
+
+def test_copy_source_is_held_until_the_copy_is_taken():
+    pool = BlockPool(3, BS)
+    table = cache_one(pool, 1, toks(1, 2))  # 2 cached free blocks, 1 plain
+    assert pool.allocate_sequence(2, toks(1, 2), 8) == 7  # block 0 shared, block 1 copied
+    src = table[1]
+    assert pool.ref_count(src) == 1 and pool.num_free_blocks == 0
+    # Out of blocks: the copy source is not up for eviction before the copy is done.
+    assert pool.allocate_sequence(3, [9], 1) == -1
+    assert pool.take_copies().tolist() == [[src, pool.block_table(2)[1]]]
+    assert pool.ref_count(src) == 0 and pool.num_free_blocks == 1  # free again, still cached
+    assert pool.num_cached_blocks == 2
 
 
 def test_register_identical_content_keeps_one_entry():

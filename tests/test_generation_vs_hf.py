@@ -37,6 +37,19 @@ def test_shared_prefix_hits_prefix_cache(tiny_model):
     assert all(out.num_cached_tokens == 20 for out in later)  # 5 full blocks of the 21-token prefix
 
 
+def test_whole_prompt_cached_recomputes_only_its_last_token(tiny_model):
+    path, model, tok = tiny_model
+    llm = make_llm(path)
+    prompt = random_prompts(len(tok), [20], seed=6)[0]  # 5 full blocks of 4
+    # Copies of one prompt in one call: the first prefills it, the others wait a step, then find
+    # all 5 blocks cached and compute only their last token, in a copy of its block.
+    outs = assert_matches_hf(llm, model, [prompt] * 4)
+    assert [out.num_cached_tokens for out in outs] == [0, 19, 19, 19]
+    # Writing that token into a copy left the cached block intact for later hits.
+    longer = assert_matches_hf(llm, model, [prompt + [7, 8]])
+    assert longer[0].num_cached_tokens == 20
+
+
 def test_chunked_prefill(tiny_model):
     path, model, tok = tiny_model
     llm = make_llm(path, max_num_batched_tokens=7)
