@@ -1,9 +1,11 @@
-// Paged decode attention on CPU. Each (sequence, KV head) pair reads its cached K/V rows straight
-// from the block pool (no gather copy), W tokens at a time (W = floats per SIMD register):
-//   1. convert W K rows to an fp32 tile; scores for the G = num_heads / num_kv_heads query heads
-//      that share the KV head (the tile is converted once and used G times);
+// Paged decode attention on CPU. A work item is a sequence and a range of its KV heads (all of them
+// when there are enough sequences to share out); it reads the cached K/V rows straight from the
+// block pool (no gather copy), W tokens at a time (W = floats per SIMD register):
+//   1. convert W K rows of every KV head in the range to fp32 tiles (one pass over each cache row,
+//      whose heads sit side by side); scores for the G = num_heads / num_kv_heads query heads that
+//      share each KV head (a tile is converted once and used G times);
 //   2. softmax per head over the whole sequence (scores stay in a small per-thread buffer);
-//   3. convert W V rows to an fp32 tile; accumulate p * v per head; scale by 1 / sum and round.
+//   3. the same tiles of V; accumulate p * v per head; scale by 1 / sum and round.
 // SIMD: see cpu_simd.h.
 #include "cpu_attention.h"
 
@@ -99,54 +101,59 @@ SPEEDX_INLINE float lane_reduce(const F& v) {
 }
 
 // Per-thread scratch in floats; head_dim padded to Dp = Dv * W, kv_len to Lp (both zero-padded).
+// H query heads and KH KV heads per work item.
 struct Scratch {
-  float* q;    // [G][Dp]  q * scale
-  float* acc;  // [G][Dp]  sum p * v
-  float* tile; // [W][Dp]  W K or V rows in fp32
-  float* s;    // [G][Lp]  scores, then unnormalised probabilities
-  float* inv;  // [G]      1 / softmax denominator
+  float* q;    // [H][Dp]      q * scale
+  float* acc;  // [H][Dp]      sum p * v
+  float* tile; // [KH][W][Dp]  W K or V rows of each KV head in fp32
+  float* s;    // [H][Lp]      scores, then unnormalised probabilities
+  float* inv;  // [H]          1 / softmax denominator
 };
 
-// Tile <- cache rows t0 .. t0+n-1 of one sequence / KV head (n <= W) in fp32; zero rows pad a
-// short last tile. (An inline function, not a lambda: a lambda body would be compiled for the
-// baseline ISA, outside the target attribute.)
+// tiles[j] <- cache rows t0 .. t0+n-1 (n <= W) of KV head j of the range, in fp32, for j < heads; zero
+// rows pad a short last tile. Row by row, so that each cache row is read in one sweep. (An inline
+// function, not a lambda: a lambda body would be compiled for the baseline ISA, outside the target
+// attribute.)
 template <int W, typename T>
-SPEEDX_INLINE void fill_tile(float* tile, const T* cache, const int32_t* table, int64_t bs,
-                             int64_t row_stride, int64_t D, int64_t Dp, int64_t t0, int64_t n) {
+SPEEDX_INLINE void fill_tiles(float* tiles, int64_t heads, const T* cache, const int32_t* table, int64_t bs,
+                              int64_t row_stride, int64_t D, int64_t Dp, int64_t t0, int64_t n) {
   int64_t blk = t0 / bs, row = t0 % bs;
   for (int64_t r = 0; r < n; ++r) {
-    load_row<W>(tile + r * Dp, cache + (int64_t(table[blk]) * bs + row) * row_stride, D);
+    const T* src = cache + (int64_t(table[blk]) * bs + row) * row_stride;
+    for (int64_t j = 0; j < heads; ++j) load_row<W>(tiles + (j * W + r) * Dp, src + j * D, D);
     if (++row == bs) row = 0, ++blk;
   }
-  std::fill(tile + n * Dp, tile + W * Dp, 0.0f);
+  for (int64_t j = 0; j < heads; ++j) std::fill(tiles + (j * W + n) * Dp, tiles + (j + 1) * W * Dp, 0.0f);
 }
 
 // DF: head_dim fixed at compile time (0: read it from a), so the common sizes get fully unrolled
-// row loops.
+// row loops. Query heads g0 * G .. g1 * G - 1 of sequence b, i.e. those of KV heads g0 .. g1 - 1.
 template <typename T, int DF, int W>
-SPEEDX_INLINE void attend(const PagedDecodeArgs& a, int64_t b, int64_t g, const Scratch& w) {
+SPEEDX_INLINE void attend(const PagedDecodeArgs& a, int64_t b, int64_t g0, int64_t g1, const Scratch& w) {
   using F = typename Vec<W>::f;
-  const int64_t G = a.num_heads / a.num_kv_heads, D = DF ? DF : a.head_dim, Dv = (D + W - 1) / W;
+  const int64_t G = a.num_heads / a.num_kv_heads, KH = g1 - g0, H = KH * G;
+  const int64_t D = DF ? DF : a.head_dim, Dv = (D + W - 1) / W;
   const int64_t Dp = Dv * W, bs = a.block_size, L = a.kv_lens[b], Lv = (L + W - 1) / W;
   const int64_t row_stride = a.num_kv_heads * D;  // elements between consecutive cache rows
   const int32_t* table = a.block_tables + b * a.max_blocks;
-  const T* k_cache = static_cast<const T*>(a.k_cache) + g * D;
-  const T* v_cache = static_cast<const T*>(a.v_cache) + g * D;
-  const F* tile = reinterpret_cast<const F*>(w.tile);
+  const T* k_cache = static_cast<const T*>(a.k_cache) + g0 * D;
+  const T* v_cache = static_cast<const T*>(a.v_cache) + g0 * D;
+  const F* tiles = reinterpret_cast<const F*>(w.tile);
   F* s = reinterpret_cast<F*>(w.s);
   F* q = reinterpret_cast<F*>(w.q);
   F* acc = reinterpret_cast<F*>(w.acc);
 
-  const T* q_in = static_cast<const T*>(a.q) + (b * a.num_heads + g * G) * D;
-  for (int64_t h = 0; h < G; ++h) {  // padding lanes stay zero from allocation
+  const T* q_in = static_cast<const T*>(a.q) + (b * a.num_heads + g0 * G) * D;
+  for (int64_t h = 0; h < H; ++h) {  // padding lanes stay zero from allocation
     load_row<W>(w.q + h * Dp, q_in + h * D, D);
     for (int64_t c = 0; c < Dv; ++c) q[h * Dv + c] *= a.scale;
   }
 
-  // 1. scores
+  // 1. scores; query head h reads the tile of KV head h / G
   for (int64_t t0 = 0, j = 0; t0 < L; t0 += W, ++j) {
-    fill_tile<W>(w.tile, k_cache, table, bs, row_stride, D, Dp, t0, std::min<int64_t>(W, L - t0));
-    for (int64_t h = 0; h < G; ++h) {
+    fill_tiles<W>(w.tile, KH, k_cache, table, bs, row_stride, D, Dp, t0, std::min<int64_t>(W, L - t0));
+    for (int64_t h = 0; h < H; ++h) {
+      const F* tile = tiles + h / G * W * Dv;
       F part[W] = {};  // per-token partial dot products, kept in registers
       for (int64_t c = 0; c < Dv; ++c) {
         const F qc = q[h * Dv + c];
@@ -157,7 +164,7 @@ SPEEDX_INLINE void attend(const PagedDecodeArgs& a, int64_t b, int64_t g, const 
   }
 
   // 2. softmax; tokens past L get -inf, i.e. probability 0
-  for (int64_t h = 0; h < G; ++h) {
+  for (int64_t h = 0; h < H; ++h) {
     std::fill(w.s + h * Lv * W + L, w.s + (h + 1) * Lv * W, -INFINITY);
     F m = s[h * Lv];
     for (int64_t j = 1; j < Lv; ++j) m = m > s[h * Lv + j] ? m : s[h * Lv + j];
@@ -168,10 +175,11 @@ SPEEDX_INLINE void attend(const PagedDecodeArgs& a, int64_t b, int64_t g, const 
   }
 
   // 3. out = sum p v / sum p
-  std::fill(acc, acc + G * Dv, F{});
+  std::fill(acc, acc + H * Dv, F{});
   for (int64_t t0 = 0, j = 0; t0 < L; t0 += W, ++j) {
-    fill_tile<W>(w.tile, v_cache, table, bs, row_stride, D, Dp, t0, std::min<int64_t>(W, L - t0));
-    for (int64_t h = 0; h < G; ++h) {
+    fill_tiles<W>(w.tile, KH, v_cache, table, bs, row_stride, D, Dp, t0, std::min<int64_t>(W, L - t0));
+    for (int64_t h = 0; h < H; ++h) {
+      const F* tile = tiles + h / G * W * Dv;
       const F p = s[h * Lv + j];
       for (int64_t c = 0; c < Dv; ++c) {
         F part[4] = {acc[h * Dv + c]};  // 4 chains hide the FMA latency
@@ -180,29 +188,29 @@ SPEEDX_INLINE void attend(const PagedDecodeArgs& a, int64_t b, int64_t g, const 
       }
     }
   }
-  T* out = static_cast<T*>(a.out) + (b * a.num_heads + g * G) * D;
-  for (int64_t h = 0; h < G; ++h) store_row<W>(out + h * D, w.acc + h * Dp, w.inv[h], D);
+  T* out = static_cast<T*>(a.out) + (b * a.num_heads + g0 * G) * D;
+  for (int64_t h = 0; h < H; ++h) store_row<W>(out + h * D, w.acc + h * Dp, w.inv[h], D);
 }
 
 // Entry points: one per ISA level, dtype and head_dim. The OpenMP region stays outside them:
 // GCC outlines a parallel region into a separate function that would not inherit the target.
-using AttendFn = void (*)(const PagedDecodeArgs&, int64_t, int64_t, const Scratch&);
+using AttendFn = void (*)(const PagedDecodeArgs&, int64_t, int64_t, int64_t, const Scratch&);
 struct Kernel { AttendFn fn; int width; };
 
 template <typename T, int DF>
-void attend_baseline(const PagedDecodeArgs& a, int64_t b, int64_t g, const Scratch& w) {
-  attend<T, DF, 4>(a, b, g, w);
+void attend_baseline(const PagedDecodeArgs& a, int64_t b, int64_t g0, int64_t g1, const Scratch& w) {
+  attend<T, DF, 4>(a, b, g0, g1, w);
 }
 #ifdef SPEEDX_X86_ISAS
 template <typename T, int DF>
-__attribute__((target("arch=x86-64-v3"))) void attend_avx2(const PagedDecodeArgs& a, int64_t b, int64_t g,
-                                                           const Scratch& w) {
-  attend<T, DF, 8>(a, b, g, w);
+__attribute__((target("arch=x86-64-v3"))) void attend_avx2(const PagedDecodeArgs& a, int64_t b, int64_t g0,
+                                                           int64_t g1, const Scratch& w) {
+  attend<T, DF, 8>(a, b, g0, g1, w);
 }
 template <typename T, int DF>
-__attribute__((target("arch=x86-64-v4"))) void attend_avx512(const PagedDecodeArgs& a, int64_t b, int64_t g,
-                                                             const Scratch& w) {
-  attend<T, DF, 16>(a, b, g, w);
+__attribute__((target("arch=x86-64-v4"))) void attend_avx512(const PagedDecodeArgs& a, int64_t b, int64_t g0,
+                                                             int64_t g1, const Scratch& w) {
+  attend<T, DF, 16>(a, b, g0, g1, w);
 }
 #endif
 
@@ -254,20 +262,24 @@ void paged_decode_attention(const PagedDecodeArgs& a) {
   const Kernel k = a.dtype == DType::kFloat32   ? pick<float>(a.head_dim, isa)
                    : a.dtype == DType::kFloat16 ? pick<f16>(a.head_dim, isa)
                                                     : pick<bf16>(a.head_dim, isa);
-  const int64_t W = k.width, G = a.num_heads / a.num_kv_heads, Dp = (a.head_dim + W - 1) / W * W;
-  const int64_t Lp = (max_len + W - 1) / W * W, pairs = a.batch * a.num_kv_heads;
+  // A work item is a sequence with all its KV heads when there are enough sequences to share out
+  // (each cache row is then read in one sweep: its heads sit side by side), else a (sequence, KV
+  // head) pair, so that a small batch still keeps every thread busy.
+  const int64_t heads_per_item = a.batch >= 4 * a.num_threads ? a.num_kv_heads : 1;
+  const int64_t items_per_seq = a.num_kv_heads / heads_per_item, items = a.batch * items_per_seq;
+  const int64_t W = k.width, KH = heads_per_item, H = KH * (a.num_heads / a.num_kv_heads);
+  const int64_t Dp = (a.head_dim + W - 1) / W * W, Lp = (max_len + W - 1) / W * W;
 #ifdef _OPENMP
-  const int nt = int(std::min<int64_t>(a.num_threads, pairs));
+  const int nt = int(std::min<int64_t>(a.num_threads, items));
 #else
   const int nt = 1;
 #endif
   // Floats, a multiple of W, so that every buffer below stays vector-aligned.
-  const int64_t per_thread = 2 * G * Dp + W * Dp + G * Lp + (G + 15) / 16 * 16;
+  const int64_t per_thread = 2 * H * Dp + KH * W * Dp + H * Lp + (H + 15) / 16 * 16;
   // Zeroed (padding lanes must be 0, not NaN); 64-byte aligned by hand.
   std::vector<float> buf(size_t(per_thread * nt + 16));
   float* scratch = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
 
-  [[maybe_unused]] const int64_t chunk = a.batch >= 4 * nt ? a.num_kv_heads : 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
 #ifdef _OPENMP
@@ -275,12 +287,13 @@ void paged_decode_attention(const PagedDecodeArgs& a) {
 #else
     float* base = scratch;
 #endif
-    const Scratch w{base, base + G * Dp, base + 2 * G * Dp, base + 2 * G * Dp + W * Dp,
-                    base + 2 * G * Dp + W * Dp + G * Lp};
-    // Dynamic: sequences have different lengths. With enough sequences, hand out whole ones: the
-    // KV heads of a token share cache lines, so splitting a sequence over cores fetches them twice.
-#pragma omp for schedule(dynamic, chunk)
-    for (int64_t i = 0; i < pairs; ++i) k.fn(a, i / a.num_kv_heads, i % a.num_kv_heads, w);
+    float* tiles = base + 2 * H * Dp;
+    const Scratch w{base, base + H * Dp, tiles, tiles + KH * W * Dp, tiles + KH * W * Dp + H * Lp};
+#pragma omp for schedule(dynamic, 1)  // dynamic: sequences have different lengths
+    for (int64_t i = 0; i < items; ++i) {
+      const int64_t g0 = i % items_per_seq * KH;
+      k.fn(a, i / items_per_seq, g0, g0 + KH, w);
+    }
   }
 }
 

@@ -146,6 +146,21 @@ def test_batch_one(dtype, kv_len, num_threads):
     check_close(out, reference(q, k, v, table, kv_lens, 0.125), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+def test_a_sequence_gets_the_same_bits_alone_or_in_a_large_batch(dtype):
+    """A large batch hands each thread whole sequences (all KV heads in one sweep of a cache row),
+    a small one (sequence, KV head) pairs: both must compute every head identically."""
+    gen = torch.Generator().manual_seed(11)
+    lens = torch.randint(1, 90, (24,), generator=gen).tolist()
+    q, k, v, table, kv_lens = make_case(gen, dtype, 8, 4, 64, 16, lens)
+    full = run_kernel(q, k, v, table, kv_lens, 0.125, num_threads=2)  # 24 >= 4 x 2: whole sequences
+    check_close(full, reference(q, k, v, table, kv_lens, 0.125), dtype)
+    for rows in ([0], [5, 17], [3, 9, 23]):  # < 4 x 2: pairs, split over both threads
+        i = torch.tensor(rows)
+        alone = run_kernel(q[i].contiguous(), k, v, table[i].contiguous(), kv_lens[i].contiguous(), 0.125, num_threads=2)
+        assert torch.equal(alone, full[i])
+
+
 def test_large_scores_are_stable():
     """Scores in the thousands: softmax must subtract the max (else exp overflows to inf / nan)."""
     gen = torch.Generator().manual_seed(5)
