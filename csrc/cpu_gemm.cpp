@@ -113,7 +113,7 @@ SPEEDX_INLINE void store(const Bf16WeightGemmArgs& a, const typename Vec<W>::f (
 
 // Rows m0 .. m0+R-1 of one panel: out[m0 + r, 32p + c] for c < min(32, n - 32p).
 template <int W, int R>
-SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0) {
+SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0, const uint16_t* next_panel) {
   using F = typename Vec<W>::f;
   using U = typename Vec<W>::u;
   constexpr int V = P / W;  // fp32 vectors per panel row: pairs (even columns, odd columns)
@@ -125,6 +125,7 @@ SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0) {
   F acc[R][V] = {};
   for (int64_t k = 0; k < K; ++k) {
     __builtin_prefetch(panel + (k + kPrefetchRows) * P);  // weights come from memory: ask early
+    if (next_panel) __builtin_prefetch(next_panel + k * P, 0, 2);  // into L2, a whole panel early
     F w[V];
 #pragma GCC unroll 8
     for (int v = 0; v < V; v += 2) {
@@ -146,10 +147,10 @@ SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0) {
 
 // The instantiation for a tile of exactly `rows` (1 .. R) rows.
 template <int W, int R>
-SPEEDX_INLINE void any_tile(const Job& job, int64_t p, int64_t m0, int64_t rows) {
+SPEEDX_INLINE void any_tile(const Job& job, int64_t p, int64_t m0, int64_t rows, const uint16_t* next_panel) {
   if constexpr (R > 0) {
-    if (rows == R) tile<W, R>(job, p, m0);
-    else any_tile<W, R - 1>(job, p, m0, rows);
+    if (rows == R) tile<W, R>(job, p, m0, next_panel);
+    else any_tile<W, R - 1>(job, p, m0, rows, next_panel);
   }
 }
 
@@ -157,7 +158,10 @@ template <int W>
 SPEEDX_INLINE void block(const Job& job, int64_t p, int64_t m0, int64_t m1) {
   for (int64_t i = 0, n = tile_count(m1 - m0, kTileRows<W>); i < n; ++i) {
     const TileSpan t = tile_span(m1 - m0, kTileRows<W>, i);
-    any_tile<W, kTileRows<W>>(job, p, m0 + t.start, t.size);
+    // The first tile of a panel also pulls the next panel into L2: in a model's step the weights
+    // come from DRAM, and the short prefetch above alone leaves that tile waiting on it.
+    const bool ahead = i == 0 && m0 == 0 && p + 1 < (job.a.n + P - 1) / P;
+    any_tile<W, kTileRows<W>>(job, p, m0 + t.start, t.size, ahead ? job.a.packed + (p + 1) * job.a.k * P : nullptr);
   }
 }
 
