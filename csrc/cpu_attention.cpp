@@ -126,6 +126,18 @@ SPEEDX_INLINE void fill_tiles(float* tiles, int64_t heads, const T* cache, const
   for (int64_t j = 0; j < heads; ++j) std::fill(tiles + (j * W + n) * Dp, tiles + (j + 1) * W * Dp, 0.0f);
 }
 
+// Asks for cache rows t0 .. t1-1 (bytes each, from this range's first KV head) ahead of use: blocks
+// lie anywhere in the pool, so the hardware prefetchers cannot follow from one to the next.
+template <typename T>
+SPEEDX_INLINE void prefetch_rows(const T* cache, const int32_t* table, int64_t bs, int64_t row_stride,
+                                 int64_t bytes, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const char* row = reinterpret_cast<const char*>(cache + (int64_t(table[t / bs]) * bs + t % bs) * row_stride);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+    __builtin_prefetch(row + bytes - 1);  // rows need not start on a cache line
+  }
+}
+
 // DF: head_dim fixed at compile time (0: read it from a), so the common sizes get fully unrolled
 // row loops. Query heads g0 * G .. g1 * G - 1 of sequence b, i.e. those of KV heads g0 .. g1 - 1.
 template <typename T, int DF, int W>
@@ -149,8 +161,13 @@ SPEEDX_INLINE void attend(const PagedDecodeArgs& a, int64_t b, int64_t g0, int64
     for (int64_t c = 0; c < Dv; ++c) q[h * Dv + c] *= a.scale;
   }
 
-  // 1. scores; query head h reads the tile of KV head h / G
+  // 1. scores; query head h reads the tile of KV head h / G. Each tile prefetches the next one's
+  // rows, the last K tile the first V tile's.
+  const int64_t bytes = KH * D * int64_t(sizeof(T));
+  prefetch_rows(k_cache, table, bs, row_stride, bytes, 0, std::min<int64_t>(W, L));
   for (int64_t t0 = 0, j = 0; t0 < L; t0 += W, ++j) {
+    if (t0 + W < L) prefetch_rows(k_cache, table, bs, row_stride, bytes, t0 + W, std::min<int64_t>(t0 + 2 * W, L));
+    else prefetch_rows(v_cache, table, bs, row_stride, bytes, 0, std::min<int64_t>(W, L));
     fill_tiles<W>(w.tile, KH, k_cache, table, bs, row_stride, D, Dp, t0, std::min<int64_t>(W, L - t0));
     for (int64_t h = 0; h < H; ++h) {
       const F* tile = tiles + h / G * W * Dv;
@@ -177,6 +194,7 @@ SPEEDX_INLINE void attend(const PagedDecodeArgs& a, int64_t b, int64_t g0, int64
   // 3. out = sum p v / sum p
   std::fill(acc, acc + H * Dv, F{});
   for (int64_t t0 = 0, j = 0; t0 < L; t0 += W, ++j) {
+    prefetch_rows(v_cache, table, bs, row_stride, bytes, std::min<int64_t>(t0 + W, L), std::min<int64_t>(t0 + 2 * W, L));
     fill_tiles<W>(w.tile, KH, v_cache, table, bs, row_stride, D, Dp, t0, std::min<int64_t>(W, L - t0));
     for (int64_t h = 0; h < H; ++h) {
       const F* tile = tiles + h / G * W * Dv;
