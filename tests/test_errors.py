@@ -83,3 +83,14 @@ def test_bad_dtype_and_memory_size(tiny_llama):
         LLM(str(path), dtype="float8")
     with pytest.raises(ValueError, match="cannot read memory size"):
         LLM(str(path), kv_cache_memory="lots")
+
+
+def test_checkpoint_without_tokenizer_names_the_fix(tiny_llama, tmp_path):
+    path, _, _ = tiny_llama
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((path / name).read_bytes())
+    with pytest.raises(ValueError, match="could not load a tokenizer .* pass tokenizer=DIR"):
+        LLM(str(tmp_path))
+    # ... and tokenizer= takes them from elsewhere.
+    llm = LLM(str(tmp_path), tokenizer=str(path), dtype="float32", kv_cache_memory="8MiB")
+    assert llm.generate(["hello"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids

@@ -66,7 +66,8 @@ class LLM:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be >= 1")
         path = resolve_model_path(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        config, weights = load_config_and_weights(path)
+        config, weights = load_config_and_weights(path)  # weights: lazy, read by load_weights below
+        self.tokenizer = load_tokenizer(resolve_model_path(tokenizer) if tokenizer else path)  # fail fast
         if lora is not None:
             weights = LoRAAdapter.load(lora).merge(weights)
         self.dtype = _resolve_dtype(dtype, path)
@@ -93,7 +94,6 @@ class LLM:
             logger.warning("KV cache holds %d tokens < max_model_len %d: capping max_model_len", capacity, max_model_len)
             max_model_len = capacity
         pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
-        self.tokenizer = load_tokenizer(resolve_model_path(tokenizer) if tokenizer else path)
         self.engine = LLMEngine(net, self.tokenizer, pool, self.device, self.dtype, max_model_len,
                                 max_num_seqs, max_num_batched_tokens, seed)
         self.model_name = str(model) + (f" + LoRA {lora}" if lora else "")

@@ -189,6 +189,13 @@ def load_config_and_weights(path: Path) -> tuple[ModelConfig, Iterator[tuple[str
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    if is_gguf(path):
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        if is_gguf(path):
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:  # transformers' own message names a missing package or file
+        raise ValueError(
+            f"could not load a tokenizer from {path}: a checkpoint needs its tokenizer files "
+            f"(tokenizer.json, or tokenizer_config.json with its vocabulary); pass tokenizer=DIR to "
+            f"take them from another directory. transformers said: {' '.join(str(err).split())}"
+        ) from None
