@@ -48,6 +48,9 @@ def test_whole_prompt_cached_recomputes_only_its_last_token(tiny_model):
     # Writing that token into a copy left the cached block intact for later hits.
     longer = assert_matches_hf(llm, model, [prompt + [7, 8]])
     assert longer[0].num_cached_tokens == 20
+    # n > 1 forks after that one token: the samples share the copied block, copy-on-write again.
+    forked = assert_matches_hf(llm, model, [prompt], n=3)
+    assert forked[0].num_cached_tokens == 19
 
 
 def test_chunked_prefill(tiny_model):
