@@ -11,6 +11,18 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest
 import torch
 
+
+@pytest.fixture(scope="session", autouse=True)
+def speedx_cache_dir(tmp_path_factory):
+    """The tests' speedx cache (converted GGUF tokenizers) lives in a temporary directory, not ~/.cache."""
+    old = os.environ.get("SPEEDX_CACHE_DIR")
+    os.environ["SPEEDX_CACHE_DIR"] = str(tmp_path_factory.mktemp("speedx-cache"))
+    yield
+    if old is None:
+        del os.environ["SPEEDX_CACHE_DIR"]
+    else:
+        os.environ["SPEEDX_CACHE_DIR"] = old
+
 CORPUS = (
     "the quick brown fox jumps over the lazy dog while a small robot paints the sky in bright colors "
     "embedding models learn to map queries and documents into one space where neighbours share meaning "

@@ -15,6 +15,7 @@ import torch
 
 from speedx.models.config import ModelConfig
 from speedx.models.default_model import default_model_path
+from speedx.models.gguf_tokenizer import load_gguf_tokenizer
 
 # GGUF architectures we can map onto the Llama-family decoder (Mistral GGUFs say "llama").
 GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -191,7 +192,7 @@ def load_tokenizer(path: Path):
 
     try:
         if is_gguf(path):
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            return load_gguf_tokenizer(path)
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:  # transformers' own message names a missing package or file
         raise ValueError(
