@@ -63,6 +63,32 @@ def test_masks_equal_reference(case):
         assert kept == reference_keep(logits[r].tolist(), k, p, m), (k, p, m)
 
 
+def full_sort_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """top-p by sorting the whole vocabulary (what mask_logits avoids): the keep mask."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    sorted_probs = probs.sort(dim=-1, descending=True).values
+    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p.double().unsqueeze(1)
+    smallest_kept = sorted_probs.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
+    return probs >= smallest_kept
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_top_p_on_a_large_vocabulary_equals_a_full_sort(seed):
+    """Peaked rows need only the first 256 tokens sorted, flatter ones 2048, a flat one all of them."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = 20000
+    scales = torch.tensor([8.0, 3.0, 1.0, 0.3, 0.0, 2.0])[:, None]  # 0.0: every token equally likely
+    logits = torch.randn(6, vocab, generator=gen) * scales
+    logits[1, :50] = logits[1, 0]  # ties
+    logits[5, torch.randperm(vocab, generator=gen)[:5000]] = float("-inf")
+    top_p = torch.tensor([0.9, 0.5, 0.95, 0.7, 0.6, 0.99])
+    masked = mask_logits(logits, torch.zeros(6, dtype=torch.long), top_p, torch.zeros(6))
+    assert torch.equal(torch.isfinite(masked), full_sort_top_p(logits, top_p))
+    kept = torch.isfinite(masked).sum(-1)
+    assert kept[0] < 256 < kept[3] and kept[4] == vocab  # all three regimes were exercised
+    assert torch.equal(masked[torch.isfinite(masked)], logits[torch.isfinite(masked)])
+
+
 def test_tied_top_k_keeps_all_ties():
     logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.5]])
     masked = mask_logits(logits, torch.tensor([2]), torch.tensor([1.0]), torch.tensor([0.0]))

@@ -49,31 +49,47 @@ def mask_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
 
     Ties at a boundary are all kept: top-k keeps every logit >= the k-th largest; top-p keeps a
     token when the mass of strictly-more-probable tokens is < top_p; min-p keeps p >= min_p * p_max.
-    top_k <= 0 or top_p == 1 or min_p == 0 switch a mask off for that row.
+    top_k <= 0 or top_p == 1 or min_p == 0 switch a mask off for that row. Returns `logits` itself
+    (not a copy) when no mask is on.
     """
-    logits = logits.clone()
     vocab = logits.shape[-1]
     k_on = (top_k > 0) & (top_k < vocab)
+    p_on = top_p < 1
+    m_on = min_p > 0
+    if not bool((k_on | p_on | m_on).any()):
+        return logits
+    logits = logits.clone()
     if bool(k_on.any()):
         k = torch.where(k_on, top_k, torch.ones_like(top_k)).clamp(max=vocab)
         kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
         kth = torch.where(k_on.unsqueeze(1), kth, torch.full_like(kth, float("-inf")))
         logits.masked_fill_(logits < kth, float("-inf"))
-    p_on = top_p < 1
     if bool(p_on.any()):
         probs = torch.softmax(logits.double(), dim=-1)
-        sorted_probs = probs.sort(dim=-1, descending=True).values
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        keep = mass_before < top_p.double().unsqueeze(1)
-        smallest_kept = sorted_probs.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
+        smallest_kept = _smallest_top_p_prob(probs, top_p.double())
         drop = (probs < smallest_kept) & p_on.unsqueeze(1)
         logits.masked_fill_(drop, float("-inf"))
-    m_on = min_p > 0
     if bool(m_on.any()):
         probs = torch.softmax(logits, dim=-1)
         threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         logits.masked_fill_((probs < threshold) & m_on.unsqueeze(1), float("-inf"))
     return logits
+
+
+def _smallest_top_p_prob(probs: torch.Tensor, top_p: torch.Tensor, first_k: int = 256) -> torch.Tensor:
+    """Per row, the smallest probability that top-p keeps ([rows, 1]; rows with top_p >= 1: any).
+
+    Sorts only the k most probable tokens, k growing 8x until top-p drops the last of them in every
+    row: then it drops all that follow too, and the sorted prefix gives the cumulative sums a full
+    sort would (which costs ~20x more on a 50K vocabulary)."""
+    vocab = probs.shape[-1]
+    k = min(first_k, vocab)
+    while True:
+        top = probs.topk(k, dim=-1).values  # sorted, descending
+        keep = top.cumsum(-1) - top < top_p.unsqueeze(1)  # the mass of the more probable ones
+        if k == vocab or bool((~keep[:, -1] | (top_p >= 1)).all()):
+            return top.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
+        k = min(8 * k, vocab)
 
 
 def sample_tokens(
@@ -125,8 +141,9 @@ def sample_tokens_torch(
     sampled = (temperature > 0).nonzero().squeeze(1)
     if sampled.numel() == 0:
         return tokens
-    scaled = logits[sampled] / temperature[sampled].unsqueeze(1)
-    masked = mask_logits(scaled, top_k[sampled], top_p[sampled], min_p[sampled])
+    if sampled.numel() < logits.shape[0]:
+        logits, temperature, top_k, top_p, min_p = (t[sampled] for t in (logits, temperature, top_k, top_p, min_p))
+    masked = mask_logits(logits / temperature.unsqueeze(1), top_k, top_p, min_p)
     cdf = torch.softmax(masked.double(), dim=-1).cumsum(dim=-1)
     target = uniforms[sampled].double().unsqueeze(1) * cdf[:, -1:]
     # right=True: the first token whose CDF exceeds the target, so zero-probability tokens never win.
