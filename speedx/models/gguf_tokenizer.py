@@ -45,10 +45,10 @@ def _save(tokenizer, entry: Path) -> None:
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-        tokenizer.save_pretrained(str(tmp))
-        try:
-            os.rename(tmp, entry)
-        except OSError:  # another process got there first: keep its entry
-            shutil.rmtree(tmp, ignore_errors=True)
     except OSError:
-        pass  # read-only or full disk: the next load converts again
+        return  # read-only: the next load converts again
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        os.rename(tmp, entry)
+    except OSError:  # a full disk, or another process got there first (its entry stays)
+        shutil.rmtree(tmp, ignore_errors=True)
