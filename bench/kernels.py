@@ -136,6 +136,42 @@ def kv_store_rows(peak: float) -> list[dict]:
     return rows
 
 
+def layer_rows(peak: float) -> list[dict]:
+    """The fused elementwise layers vs their PyTorch twins at Llama-3-8B widths, a decode batch and a
+    prefill chunk; bytes = each input read once + each output written once."""
+    from speedx.kernels.layers_torch import rms_norm_torch, rope_and_store_torch, silu_mul_torch
+    from speedx.kernels.triton_layers import rms_norm_triton, rope_and_store_triton, silu_mul_triton
+    from speedx.models.layers import RotaryEmbedding
+
+    hidden, inter, pool = HEADS * HEAD_DIM, 14336, 8192
+    rotary = RotaryEmbedding(HEAD_DIM, 8192, 500000.0, None).cuda()
+    caches = torch.randn(2, pool, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    rows = []
+    for tokens in (256, 8192):
+        x, res = (torch.randn(tokens, hidden, device="cuda", dtype=DTYPE) for _ in range(2))
+        weight = torch.rand(hidden, device="cuda", dtype=DTYPE)
+        gate_up = torch.randn(tokens, 2 * inter, device="cuda", dtype=DTYPE)
+        qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda", dtype=DTYPE)
+        positions = torch.randint(0, 8192, (tokens,), device="cuda")
+        slots = torch.randperm(pool * BLOCK, device="cuda")[:tokens]
+        rope_args = (qkv, positions, rotary.cos_table, rotary.sin_table, caches[0], caches[1], slots, HEADS, KV_HEADS)
+        cases = {
+            "rms_norm + residual": (4 * x.numel() * 2, lambda: rms_norm_triton(x, weight, 1e-5, res),
+                                    lambda: rms_norm_torch(x, weight, 1e-5, res)),
+            "silu_mul": (1.5 * gate_up.numel() * 2, lambda: silu_mul_triton(gate_up), lambda: silu_mul_torch(gate_up)),
+            "rope + kv store": (2 * qkv.numel() * 2, lambda: rope_and_store_triton(*rope_args),
+                                lambda: rope_and_store_torch(*rope_args)),
+        }
+        for name, (moved, fused, twin) in cases.items():
+            row = {"workload": f"{name}, {tokens} tokens"}
+            for label, fn in [("triton", fused), ("torch_twin", twin)]:
+                ms = bench(fn)
+                row[label] = {"ms": ms, "GB/s": moved / ms / 1e6, "of_copy_bw": moved / (ms * 1e-3) / peak}
+            rows.append(row)
+            print(row["workload"], {k: round(v["ms"], 4) for k, v in row.items() if isinstance(v, dict)})
+    return rows
+
+
 def sampling_rows(peak: float) -> list[dict]:
     from speedx.engine.sampler import sample_tokens_torch
     from speedx.kernels.triton_sampling import sample_tokens_from_uniforms_triton
@@ -186,6 +222,7 @@ def main() -> None:
         "copy_GB/s": peak / 1e9,
         "attention": attention_rows(peak),
         "kv_store": kv_store_rows(peak),
+        "layers": layer_rows(peak),
         "sampling": sampling_rows(peak),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

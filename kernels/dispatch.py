@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from speedx.kernels.layers_torch import rms_norm_torch, rope_and_store_torch, silu_mul_torch
 from speedx.kernels.paged_attention import paged_attention_cpu, paged_attention_torch, store_kvcache_torch
 
 MODES = ("auto", "triton", "torch")
@@ -66,3 +67,31 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping, *, mode: str | None = No
         store_kvcache_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         store_kvcache_torch(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rms_norm(x, weight, eps, residual=None, *, mode: str | None = None):
+    """rms_norm_torch's contract, on the chosen backend."""
+    if use_triton(x.device, mode) and weight.dtype == x.dtype:
+        from speedx.kernels.triton_layers import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps, residual)
+    return rms_norm_torch(x, weight, eps, residual)
+
+
+def silu_mul(gate_up, *, mode: str | None = None):
+    """silu_mul_torch's contract, on the chosen backend."""
+    if use_triton(gate_up.device, mode):
+        from speedx.kernels.triton_layers import silu_mul_triton
+
+        return silu_mul_triton(gate_up)
+    return silu_mul_torch(gate_up)
+
+
+def rope_and_store(qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+                   *, mode: str | None = None):
+    """rope_and_store_torch's contract, on the chosen backend."""
+    if use_triton(qkv.device, mode):
+        from speedx.kernels.triton_layers import rope_and_store_triton as rope_and_store_impl
+    else:
+        rope_and_store_impl = rope_and_store_torch
+    return rope_and_store_impl(qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)

@@ -46,12 +46,14 @@ def test_greedy_engine_triton_equals_torch(monkeypatch, tiny_llama):
 
 
 def spy_on_triton(monkeypatch) -> dict[str, int]:
-    from speedx.kernels import triton_attention, triton_kv_store, triton_sampling
+    from speedx.kernels import triton_attention, triton_layers, triton_sampling
 
     calls = {}
     for module, name in [
         (triton_attention, "paged_attention_triton"),
-        (triton_kv_store, "store_kvcache_triton"),
+        (triton_layers, "rms_norm_triton"),
+        (triton_layers, "silu_mul_triton"),
+        (triton_layers, "rope_and_store_triton"),
         (triton_sampling, "sample_tokens_from_uniforms_triton"),
     ]:
         calls[name] = 0

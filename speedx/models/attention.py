@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from speedx.kernels.dispatch import kernel_mode, paged_attention, store_kvcache
+from speedx.kernels.dispatch import kernel_mode, paged_attention, rope_and_store
 from speedx.models.layers import RotaryEmbedding
 
 
@@ -43,12 +43,8 @@ class PagedAttention(nn.Module):
         if qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and self.kernel_mode != "triton":
             q = self._rope_and_store_cpu(qkv, positions, meta.slot_mapping)
         else:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(-1, self.num_heads, self.head_dim)
-            k = k.view(-1, self.num_kv_heads, self.head_dim)
-            v = v.view(-1, self.num_kv_heads, self.head_dim)
-            q, k = self.rotary(positions, q, k)
-            store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, mode=self.kernel_mode)
+            q = rope_and_store(qkv, positions, self.rotary.cos_table, self.rotary.sin_table, self.k_cache, self.v_cache,
+                               meta.slot_mapping, self.num_heads, self.num_kv_heads, mode=self.kernel_mode)
         out = paged_attention(
             q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, self.scale, mode=self.kernel_mode
         )

@@ -8,34 +8,29 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from speedx.kernels.dispatch import kernel_mode, rms_norm, silu_mul
+from speedx.kernels.layers_torch import rope_torch
 
 
 class RMSNorm(nn.Module):
     """RMSNorm, optionally after the residual add: norm(x) or (norm(x + residual), x + residual).
 
-    Half-precision CPU tensors go through one fused C++ pass (csrc/cpu_norm.cpp) that rounds where
-    the PyTorch path below (its twin, and transformers' op order) does."""
+    Half-precision CPU tensors go through one fused C++ pass (csrc/cpu_norm.cpp), CUDA tensors through
+    one Triton kernel; both round where the PyTorch twin (kernels/layers_torch.py) does."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.kernel_mode = kernel_mode()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == x.dtype:
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == x.dtype \
+                and self.kernel_mode != "triton":
             return self._fused_cpu(x, residual)
-        if residual is None:
-            return self._norm(x)
-        residual = x + residual
-        return self._norm(residual), residual
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps, residual, mode=self.kernel_mode)
 
     def _fused_cpu(self, x: torch.Tensor, residual: torch.Tensor | None):
         from speedx import _C
@@ -97,14 +92,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]
-        cos = self.cos_table[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin_table[positions].to(q.dtype).unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return rope_torch(positions, q, k, self.cos_table, self.sin_table)
 
 
 class SwiGLU(nn.Module):
@@ -115,15 +103,15 @@ class SwiGLU(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.kernel_mode = kernel_mode()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if getattr(self.gate_up_proj, "silu_mul", False):  # a PackedBf16Linear that applied it already
             return self.down_proj(gate_up)
-        if gate_up.device.type == "cpu" and gate_up.dtype == torch.bfloat16:
+        if gate_up.device.type == "cpu" and gate_up.dtype == torch.bfloat16 and self.kernel_mode != "triton":
             return self.down_proj(_silu_mul_cpu(gate_up, self.intermediate_size))
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(gate_up, mode=self.kernel_mode))
 
 
 def _silu_mul_cpu(gate_up: torch.Tensor, intermediate_size: int) -> torch.Tensor:
