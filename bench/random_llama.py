@@ -22,6 +22,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
     "llama3.2-1b": (2048, 8192, 16, 32, 8, 128256),
     "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936),
+    "tiny": (128, 384, 2, 4, 2, 1024),  # smoke runs of the bench scripts on CPU
 }
 
 

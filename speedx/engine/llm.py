@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -77,7 +78,7 @@ class LLM:
         max_model_len = max_model_len or limit
 
         torch.manual_seed(seed)  # parameters are overwritten; this only makes init cheap and repeatable
-        with torch.device(self.device):
+        with torch.device(self.device), _default_dtype(self.dtype):  # no fp32 copy of an 8B model on the GPU
             net = LlamaForCausalLM(config, max_position=max_model_len)
         net.load_weights(weights)
         net.to(self.dtype).eval()
@@ -114,6 +115,7 @@ class LLM:
         if kv_cache_memory is not None:
             return parse_bytes(kv_cache_memory)
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # blocks the allocator cached while loading count as used otherwise
             free, total = torch.cuda.mem_get_info(self.device)
             reserve = total * (1 - gpu_memory_utilization) + 2**30  # activations and allocator slack
             return max(int(free - reserve), 0)
@@ -217,6 +219,16 @@ def _error_output(request_id: str, prompt, message: str) -> RequestOutput:
     text = prompt if isinstance(prompt, str) else None
     ids = [] if isinstance(prompt, str) else list(prompt)
     return RequestOutput(request_id, text, ids, [CompletionOutput(0, "", [], "error")], error=message)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else previous)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _cpu_has_amx() -> bool:

@@ -1,0 +1,204 @@
+"""Where a generation run's time goes, step by step: device span vs host time, by step kind.
+
+Runs one throughput workload (see throughput.py) with every engine step timed twice: host wall time,
+and the device span from the step's inputs being staged to its tokens being sampled (CUDA events).
+Per kind of step (pure decode on a CUDA graph, or mixed/prefill) it prints the steps, their mean
+batch, the share of the run, the host time outside the device span, and how close the device span
+comes to its floor (decode: weights + KV bytes at the measured copy bandwidth; mixed: matmul FLOPs at
+the measured bf16 rate). Then it profiles a few eager decode steps and one prefill step with
+torch.profiler and lists the kernels that take the device time.
+
+    python bench/step_profile.py --model /tmp/speedx-llama3-8b-random --workload fixed \\
+        --num-prompts 256 --prompt-len 1024 --output-len 1024 --max-num-batched-tokens 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import random
+
+import torch
+
+from speedx import LLM, SamplingParams
+from throughput import random_prompts
+
+
+class HostEvent:
+    """torch.cuda.Event's record/elapsed_time on the host clock, so the script also runs on CPU."""
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end) -> float:
+        return (end.t - self.t) * 1e3
+
+
+def event():
+    return torch.cuda.Event(enable_timing=True) if torch.cuda.is_available() else HostEvent()
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(copy bytes/s counting read + write, bf16 matmul FLOP/s) on this device (NaN on CPU)."""
+    if not torch.cuda.is_available():
+        return float("nan"), float("nan")
+    import triton.testing
+
+    n = 1 << 28
+    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    mm_ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
+    return 2 * n / (copy_ms * 1e-3), 2 * 8192**3 / (mm_ms * 1e-3)
+
+
+class StepTimer:
+    """Wraps the engine's step and the runner's prepare/run to time every step."""
+
+    def __init__(self, llm: LLM):
+        self.engine, self.runner = llm.engine, llm.engine.runner
+        self.records: list[dict] = []
+        self._current: dict = {}
+        prepare, run, step = self.runner._prepare, self.runner.run, self.engine.step
+
+        def timed_prepare(batch):
+            out = prepare(batch)
+            seqs, counts = batch.sequences, batch.num_new_tokens
+            decode = sum(1 for s, n in zip(seqs, counts) if n == 1 and s.num_computed_tokens == s.num_tokens - 1)
+            self._current.update(
+                seqs=len(seqs), tokens=sum(counts), decode=decode,
+                kv_tokens=sum(s.num_computed_tokens + n for s, n in zip(seqs, counts)),
+                start=event(),
+            )
+            self._current["start"].record()
+            return out
+
+        def timed_run(batch):
+            out = run(batch)
+            self._current["end"] = event()
+            self._current["end"].record()
+            return out
+
+        def timed_step():
+            self._current = {}
+            start = time.perf_counter()
+            outputs, stats = step()
+            synchronize()
+            if "end" in self._current:
+                c = self._current
+                kind = "decode" if c["decode"] == c["seqs"] and c["tokens"] == c["seqs"] else "mixed"
+                self.records.append(dict(kind=kind, seqs=c["seqs"], tokens=c["tokens"], kv_tokens=c["kv_tokens"],
+                                         wall=time.perf_counter() - start, span=c["start"].elapsed_time(c["end"]) / 1e3,
+                                         preempted=stats.num_preempted))
+            return outputs, stats
+
+        self.runner._prepare, self.runner.run, self.engine.step = timed_prepare, timed_run, timed_step
+
+
+def summarize(records, total_seconds, weight_bytes, kv_per_token, params, bandwidth, flops) -> list[dict]:
+    rows = []
+    for kind in ("decode", "mixed"):
+        steps = [r for r in records if r["kind"] == kind]
+        if not steps:
+            continue
+        wall, span = sum(r["wall"] for r in steps), sum(r["span"] for r in steps)
+        if kind == "decode":
+            floor = sum(weight_bytes + r["kv_tokens"] * kv_per_token for r in steps) / bandwidth
+        else:
+            floor = sum(2 * params * r["tokens"] for r in steps) / flops
+        rows.append(dict(kind=kind, steps=len(steps), mean_seqs=sum(r["seqs"] for r in steps) / len(steps),
+                         tokens=sum(r["tokens"] for r in steps), wall_s=wall, share_of_run=wall / total_seconds,
+                         host_outside_span_s=wall - span, span_s=span, floor_s=floor, floor_over_span=floor / span))
+    return rows
+
+
+def kernel_tables(llm: LLM, prompts, decode_steps: int) -> tuple[str, str]:
+    """torch.profiler tables of one prefill step and of `decode_steps` eager decode steps at full batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    runner, engine = llm.engine.runner, llm.engine
+    graphs, runner.decode_graphs = runner.decode_graphs, None  # eager: every kernel shows up by name
+    for i, p in enumerate(prompts):
+        engine.add_request(f"profile-{i}", p, SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True))
+    with profile(activities=activities) as prefill:
+        engine.step()
+        synchronize()
+    while engine.has_unfinished_requests() and engine.step()[1].num_prefill_tokens:
+        pass
+    with profile(activities=activities) as decode:
+        for _ in range(decode_steps):
+            engine.step()
+        synchronize()
+    engine.abort_all()
+    runner.decode_graphs = graphs
+    return tuple(p.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=70) for p in (prefill, decode))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--workload", choices=["random", "fixed"], default="fixed")
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=1024)
+    parser.add_argument("--min-len", type=int, default=100)
+    parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--profile-steps", type=int, default=8, help="eager decode steps under torch.profiler (0: none)")
+    parser.add_argument("--out", default="bench/results/step_profile.json")
+    args = parser.parse_args()
+
+    llm = LLM(args.model, dtype="bfloat16", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    vocab = llm.engine.vocab_size
+    if args.workload == "random":
+        rng = random.Random(1)
+        prompt_lens = [rng.randint(args.min_len, args.max_len) for _ in range(args.num_prompts)]
+        output_lens = [rng.randint(args.min_len, args.max_len) for _ in range(args.num_prompts)]
+    else:
+        prompt_lens, output_lens = [args.prompt_len] * args.num_prompts, [args.output_len] * args.num_prompts
+    prompts = random_prompts(args.num_prompts, prompt_lens, vocab)
+    bandwidth, flops = measure_ceilings()
+    model = llm.engine.runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    kv_per_token = llm.engine.runner.kv_bytes_per_token(model.config, llm.dtype)
+
+    llm.generate(prompts[:8], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+    llm.engine.pool.reset_prefix_cache()
+    timer = StepTimer(llm)
+    start = time.perf_counter()
+    llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens], use_tqdm=False)
+    total = time.perf_counter() - start
+    rows = summarize(timer.records, total, weight_bytes, kv_per_token, params, bandwidth, flops)
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\n{args.workload}: {args.num_prompts} prompts, {sum(output_lens)} tokens out in {total:.1f} s = "
+          f"{sum(output_lens) / total:.0f} tok/s on {device}; KV cache "
+          f"{llm.engine.pool.num_blocks * llm.engine.pool.block_size} tokens; preempted "
+          f"{sum(r['preempted'] for r in timer.records)}; copy {bandwidth / 1e12:.2f} TB/s, bf16 {flops / 1e12:.0f} TFLOP/s")
+    print(f"{'kind':<8}{'steps':>7}{'seqs':>7}{'wall s':>9}{'share':>7}{'host s':>8}{'span s':>8}{'floor s':>9}{'floor/span':>11}")
+    for r in rows:
+        print(f"{r['kind']:<8}{r['steps']:>7}{r['mean_seqs']:>7.0f}{r['wall_s']:>9.2f}{r['share_of_run']:>7.0%}"
+              f"{r['host_outside_span_s']:>8.2f}{r['span_s']:>8.2f}{r['floor_s']:>9.2f}{r['floor_over_span']:>11.0%}")
+    prefill_table = decode_table = None
+    if args.profile_steps:
+        prefill_table, decode_table = kernel_tables(llm, prompts[: args.max_num_seqs], args.profile_steps)
+        print(f"\none prefill step:\n{prefill_table}\n{args.profile_steps} eager decode steps:\n{decode_table}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"device": device, "args": vars(args), "seconds": total,
+                                          "rows": rows, "steps": timer.records, "prefill_kernels": prefill_table, "decode_kernels": decode_table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
