@@ -111,6 +111,44 @@ def attention_rows(peak: float) -> list[dict]:
     return rows
 
 
+PREFILL_TILES = [  # (query rows per program = tokens x GQA group, keys per tile, warps, pipeline stages)
+    (64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 8, 2), (128, 32, 8, 2), (128, 128, 8, 2),
+]
+
+
+def prefill_tile_rows() -> list[dict]:
+    """TFLOP/s of the prefill/mixed attention kernel under other tile shapes than attention_config's
+    (the first entry is the shipped one): an offline sweep, so no autotuning runs at import or in use."""
+    from speedx.kernels import triton_attention as A
+
+    shipped = A.attention_config
+    workloads = {"prefill 8 x 1024 (fresh prompts)": [(1024, 1024)] * 8, "prefill 4 x 2048": [(2048, 2048)] * 4,
+                 "mixed 32 decodes x 1024 + 512-token chunk at 1536": [(1, 1024)] * 32 + [(512, 1536)]}
+    rows = []
+    try:
+        for name, seqs in workloads.items():
+            q, k_cache, v_cache, table, cu, kv_lens = paged_case(seqs)
+            flops = sum(4 * q_len * (kv - q_len / 2) * HEADS * HEAD_DIM for q_len, kv in seqs)
+            row = {"workload": name}
+            for block_m, block_n, warps, stages in PREFILL_TILES:
+                def config(dtype, head_dim, group, all_decode, _m=block_m, _n=block_n, _w=warps, _s=stages):
+                    c = shipped(dtype, head_dim, group, all_decode)
+                    return c | dict(BLOCK_Q=_m // c["GROUP_PAD"], BLOCK_N=_n, num_warps=_w, num_stages=_s)
+                A.attention_config = config
+                label = f"m{block_m}_n{block_n}_w{warps}_s{stages}"
+                try:
+                    ms = bench(lambda: A.paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, HEAD_DIM**-0.5))
+                except Exception as exc:  # e.g. out of shared memory: that shape is simply not a candidate
+                    print(f"{label}: {type(exc).__name__}: {exc}"[:300])
+                    continue
+                row[label] = {"ms": ms, "TFLOP/s": flops / ms / 1e9}
+            rows.append(row)
+            print(name, {k: round(v["TFLOP/s"], 1) for k, v in row.items() if isinstance(v, dict)})
+    finally:
+        A.attention_config = shipped
+    return rows
+
+
 def kv_store_rows(peak: float) -> list[dict]:
     from speedx.kernels.paged_attention import store_kvcache_torch
     from speedx.kernels.triton_kv_store import store_kvcache_triton
@@ -221,6 +259,7 @@ def main() -> None:
                    "kv_dtype": str(DTYPE)},
         "copy_GB/s": peak / 1e9,
         "attention": attention_rows(peak),
+        "prefill_tiles": prefill_tile_rows(),
         "kv_store": kv_store_rows(peak),
         "layers": layer_rows(peak),
         "sampling": sampling_rows(peak),

@@ -155,11 +155,13 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
     parser.add_argument("--profile-steps", type=int, default=8, help="eager decode steps under torch.profiler (0: none)")
     parser.add_argument("--out", default="bench/results/step_profile.json")
     args = parser.parse_args()
 
-    llm = LLM(args.model, dtype="bfloat16", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = LLM(args.model, dtype="bfloat16", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_dtype=args.kv_cache_dtype)
     vocab = llm.engine.vocab_size
     if args.workload == "random":
         rng = random.Random(1)
@@ -172,7 +174,7 @@ def main() -> None:
     model = llm.engine.runner.model
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    kv_per_token = llm.engine.runner.kv_bytes_per_token(model.config, llm.dtype)
+    kv_per_token = llm.engine.runner.kv_bytes_per_token(model.config, llm.kv_cache_dtype)
 
     llm.generate(prompts[:8], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     llm.engine.pool.reset_prefix_cache()

@@ -120,7 +120,7 @@ def roofline_seconds(llm: LLM, prompts, output_lens, steps: int) -> dict:
     flops = 2 * 8192**3 / (mm_ms * 1e-3)
     model = llm.engine.runner.model
     weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
-    kv_per_token = llm.engine.runner.kv_bytes_per_token(model.config, llm.dtype)
+    kv_per_token = llm.engine.runner.kv_bytes_per_token(model.config, llm.kv_cache_dtype)
     kv_bytes = sum(kv_per_token * (len(p) * o + o * (o + 1) // 2) for p, o in zip(prompts, output_lens))
     prefill_tokens = sum(len(p) for p in prompts)
     params = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
@@ -176,13 +176,14 @@ def main() -> None:
     parser.add_argument("--profile", metavar="FILE", help="also write a cProfile (host time) of one more speedx run")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", default="bench/results/throughput.json")
     args = parser.parse_args()
 
     llm = LLM(args.model, dtype=args.dtype, enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype)
     device = str(llm.device)
     vocab = llm.engine.vocab_size
     if args.workload == "random":
@@ -230,7 +231,7 @@ def main() -> None:
     report = {
         "device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
         "workload": args.workload, "num_prompts": args.num_prompts, "input_tokens": sum(map(len, prompts)),
-        "output_tokens": total_out, "temperature": args.temperature, "top_p": args.top_p, "cuda_graphs": not args.enforce_eager, "contenders": {},
+        "output_tokens": total_out, "temperature": args.temperature, "top_p": args.top_p, "kv_cache_dtype": args.kv_cache_dtype, "cuda_graphs": not args.enforce_eager, "contenders": {},
     }
     print(f"{'engine':<14}{'median s':>10}{'out tok/s':>12}")
     for name, times in results.items():

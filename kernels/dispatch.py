@@ -55,7 +55,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, sc
         from speedx.kernels.triton_attention import paged_attention_triton
 
         return paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
-    attend = paged_attention_cpu if q.device.type == "cpu" else paged_attention_torch
+    cpp = q.device.type == "cpu" and k_cache.dtype == q.dtype  # the C++ decode kernel reads 16-bit caches only
+    attend = paged_attention_cpu if cpp else paged_attention_torch
     return attend(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
 
 

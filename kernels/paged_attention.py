@@ -22,13 +22,19 @@ import torch.nn.functional as F
 def store_kvcache_torch(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Write k/v rows [tokens, kv_heads, head_dim] to flat cache slots; slot -1 means skip (padding)."""
+    """Write k/v rows [tokens, kv_heads, head_dim] to flat cache slots; slot -1 means skip (padding).
+    An fp8 cache stores the rows rounded to fp8 (scale 1)."""
     if slot_mapping.numel() and bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    for rows, cache in ((k, k_cache), (v, v_cache)):
+        as_bytes(cache).view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, as_bytes(rows.to(cache.dtype)))
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor viewed as uint8 (PyTorch's index kernels skip fp8; copying bytes is exact)."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
 
 
 def paged_attention_torch(
@@ -106,8 +112,8 @@ def _prefill_flash(flash, q, k_cache, v_cache, block_tables, starts, lens, scale
     keys, values = [], []
     for table, kv_len in zip(block_tables, lens):
         block_ids = table[: -(-kv_len // block_size)].long()
-        keys.append(_gather(k_cache, block_ids)[:kv_len])
-        values.append(_gather(v_cache, block_ids)[:kv_len])
+        keys.append(_gather(k_cache, block_ids, q.dtype)[:kv_len])
+        values.append(_gather(v_cache, block_ids, q.dtype)[:kv_len])
     cu_q = torch.tensor([start - starts[0] for start in starts], dtype=torch.int32, device=q.device)
     cu_k = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=q.device)
     max_q = max(end - start for start, end in zip(starts, starts[1:]))
@@ -136,11 +142,11 @@ def _leading_decodes(starts: list[int]) -> int:
     return count
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    # [..., blocks] -> [..., blocks * block_size, kv_heads, head_dim]; index_select copies
-    # whole blocks and is ~3x faster than advanced indexing on CPU.
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # [..., blocks] -> [..., blocks * block_size, kv_heads, head_dim] in the queries' dtype (an fp8
+    # cache is widened); index_select copies whole blocks, ~3x faster than advanced indexing on CPU.
     _, block_size, kv_heads, head_dim = cache.shape
-    gathered = cache.index_select(0, block_ids.flatten())
+    gathered = as_bytes(cache).index_select(0, block_ids.flatten()).view(cache.dtype).to(dtype)
     return gathered.view(*block_ids.shape[:-1], block_ids.shape[-1] * block_size, kv_heads, head_dim)
 
 
@@ -149,8 +155,8 @@ def _decode_batch(q, k_cache, v_cache, block_tables, kv_lens, max_kv_len, scale)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_blocks = -(-max_kv_len // block_size)
     block_ids = block_tables[:, :num_blocks].clamp_min(0).long()
-    k = _gather(k_cache, block_ids).transpose(1, 2)  # [batch, kv_heads, padded_len, head_dim]
-    v = _gather(v_cache, block_ids).transpose(1, 2)
+    k = _gather(k_cache, block_ids, q.dtype).transpose(1, 2)  # [batch, kv_heads, padded_len, head_dim]
+    v = _gather(v_cache, block_ids, q.dtype).transpose(1, 2)
     # One query token per sequence: the heads sharing a KV head become that KV head's query rows.
     q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     valid = torch.arange(k.shape[2], device=q.device) < kv_lens.to(q.device).unsqueeze(1)
@@ -162,8 +168,8 @@ def _prefill_one(q, k_cache, v_cache, block_table, kv_len, scale):
     q_len, num_heads, head_dim = q.shape
     block_size = k_cache.shape[1]
     block_ids = block_table[: -(-kv_len // block_size)].long()
-    k = _gather(k_cache, block_ids)[:kv_len].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, head_dim]
-    v = _gather(v_cache, block_ids)[:kv_len].transpose(0, 1).unsqueeze(0)
+    k = _gather(k_cache, block_ids, q.dtype)[:kv_len].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, head_dim]
+    v = _gather(v_cache, block_ids, q.dtype)[:kv_len].transpose(0, 1).unsqueeze(0)
     q = q.transpose(0, 1).unsqueeze(0)
     if q_len == kv_len:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)

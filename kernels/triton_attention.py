@@ -97,6 +97,7 @@ def _paged_attention_kernel(
         slot = n % BLOCK_SIZE
         k_off = blk * stride_kb + slot * stride_ks + kv_head * stride_kh
         kt = tl.load(k_cache_ptr + k_off[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        kt = kt.to(q.dtype)  # an fp8 cache is widened to the queries' dtype
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
         qk = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -104,7 +105,7 @@ def _paged_attention_kernel(
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_off = blk * stride_vb + slot * stride_vs + kv_head * stride_vh
-        v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 

@@ -33,8 +33,9 @@ def _store_kvcache_kernel(
     mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-    tl.store(k_cache_ptr + blk * stride_kcb + row * stride_kcs + h * stride_kch + d, k, mask=mask)
-    tl.store(v_cache_ptr + blk * stride_vcb + row * stride_vcs + h * stride_vch + d, v, mask=mask)
+    cache_dtype = k_cache_ptr.dtype.element_ty  # the rows' own dtype, or fp8
+    tl.store(k_cache_ptr + blk * stride_kcb + row * stride_kcs + h * stride_kch + d, k.to(cache_dtype), mask=mask)
+    tl.store(v_cache_ptr + blk * stride_vcb + row * stride_vcs + h * stride_vch + d, v.to(cache_dtype), mask=mask)
 
 
 def store_kvcache_triton(

@@ -134,13 +134,14 @@ def _rope_and_store_kernel(
         k1 = tl.load(k_src + d, mask=kv_mask, other=0.0).to(tl.float32)
         k2 = tl.load(k_src + HALF + d, mask=kv_mask, other=0.0).to(tl.float32)
         k1, k2 = _rotate(k1, k2, cos1, cos2, sin1, sin2, dtype)
+        cache_dtype = k_cache_ptr.dtype.element_ty  # the activation dtype, or fp8
         k_dst = k_cache_ptr + blk * stride_kcb + pos_in_blk * stride_kcs + kh * stride_kch
-        tl.store(k_dst + d, k1, mask=kv_mask)
-        tl.store(k_dst + HALF + d, k2, mask=kv_mask)
+        tl.store(k_dst + d, k1.to(cache_dtype), mask=kv_mask)
+        tl.store(k_dst + HALF + d, k2.to(cache_dtype), mask=kv_mask)
         v_src = row + (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM + kh * HEAD_DIM
         v_dst = v_cache_ptr + blk * stride_vcb + pos_in_blk * stride_vcs + kh * stride_vch
-        tl.store(v_dst + d, tl.load(v_src + d, mask=kv_mask), mask=kv_mask)
-        tl.store(v_dst + HALF + d, tl.load(v_src + HALF + d, mask=kv_mask), mask=kv_mask)
+        tl.store(v_dst + d, tl.load(v_src + d, mask=kv_mask).to(cache_dtype), mask=kv_mask)
+        tl.store(v_dst + HALF + d, tl.load(v_src + HALF + d, mask=kv_mask).to(cache_dtype), mask=kv_mask)
 
 
 def rope_and_store_triton(qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, default=4, help="generation attempts per example slot")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-memory", default=None, help="e.g. 4GiB (default: the engine's)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="auto: the model's dtype; fp8: half the KV memory and traffic (GPU)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine runs at once")
     p.add_argument("--gpu-hour-price", type=float, default=2.0, help="$ per device-hour for the cost report")
     p.add_argument("--api-price-in", type=float, default=2.5, help="teacher API $ per 1M input tokens (GPT-4o)")

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine runs at once")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: the engine's)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="auto: the model's dtype; fp8: half the KV memory and traffic (GPU)")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
                    help=f"largest max_tokens a request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT}, "
                         "and never more than the context length)")
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                  kv_cache_memory=args.kv_cache_memory, seed=args.seed)
+                  kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -22,9 +22,10 @@ def compile_for(cap, fn, types, consts, num_warps=4, num_stages=2):
     options = dict(num_warps=num_warps, num_stages=num_stages)
     triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", cap, 32), options=options)
 
-def attention(cap, dtype, head_dim, group, all_decode, split):
+def attention(cap, dtype, head_dim, group, all_decode, split, cache="same"):
     dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    types = {n: f"*{dt}" for n in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")}
+    types = {n: f"*{dt}" for n in ("out_ptr", "q_ptr")}
+    types.update({n: f"*{dt if cache == 'same' else cache}" for n in ("k_cache_ptr", "v_cache_ptr")})
     types.update(block_tables_ptr="*i32", cu_seqlens_q_ptr="*i32", kv_lens_ptr="*i32", part_out_ptr="*fp32",
                  part_lse_ptr="*fp32", scale_log2="fp32", stride_kb="i64", stride_vb="i64")
     config = A.attention_config(dtype, head_dim, group, all_decode)
@@ -38,6 +39,12 @@ for cap in (90, 80):
     if cap == 80:
         continue
     attention(cap, torch.bfloat16, 128, 4, True, False)
+    attention(cap, torch.bfloat16, 128, 4, False, False, cache="fp8e4nv")  # kv_cache_dtype="fp8" (sm_89+)
+    attention(cap, torch.bfloat16, 128, 4, True, True, cache="fp8e4nv")
+    compile_for(cap, L._rope_and_store_kernel, {n: "*bf16" for n in ("q_out_ptr", "qkv_ptr")}
+                | {n: "*fp8e4nv" for n in ("k_cache_ptr", "v_cache_ptr")}
+                | dict(positions_ptr="*i64", slot_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", stride_kcb="i64", stride_vcb="i64"),
+                dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEADS_PAD=32, KV_HEADS_PAD=8, HEAD_DIM=128, HALF_PAD=64, BLOCK_SIZE=16))
     attention(cap, torch.bfloat16, 80, 5, False, False)  # padded head_dim, odd group
     attention(cap, torch.float32, 64, 1, False, False)   # the fp32 GPU tests
     compile_for(cap, A._merge_splits_kernel, dict(out_ptr="*bf16", part_out_ptr="*fp32", part_lse_ptr="*fp32"),

@@ -29,7 +29,7 @@ class StepStats:
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, pool: BlockPool, device, dtype, max_model_len: int,
+    def __init__(self, model, tokenizer, pool: BlockPool, device, kv_cache_dtype, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, seed: int):
         self.tokenizer = tokenizer
         self.pool = pool
@@ -37,7 +37,7 @@ class LLMEngine:
         self.vocab_size = model.config.vocab_size
         self.seed = seed
         self.eos_token_ids = sorted(set(model.config.eos_token_ids) | _tokenizer_eos(tokenizer))
-        self.runner = ModelRunner(model, pool, device, dtype)
+        self.runner = ModelRunner(model, pool, device, kv_cache_dtype)
         self.scheduler = Scheduler(pool, max_num_seqs, max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._num_added = 0

@@ -13,19 +13,20 @@ from speedx.engine.sequence import Sequence
 from speedx.engine.staging import Staging
 from speedx.engine.structured_output import GrammarMask
 from speedx.kernels.dispatch import use_triton
+from speedx.kernels.paged_attention import as_bytes
 from speedx.models.attention import AttentionMetadata
 from speedx.models.llama import LlamaForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: BlockPool, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: LlamaForCausalLM, pool: BlockPool, device: torch.device, kv_cache_dtype: torch.dtype):
         self.model = model
         self.pool = pool
         self.device = device
         c = model.config
         shape = (2, c.num_hidden_layers, pool.num_blocks, pool.block_size, c.num_key_value_heads, c.head_dim)
         # Zeroed, not empty: masked-out padding rows are still multiplied by 0 in attention.
-        self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv_cache = torch.zeros(shape, dtype=kv_cache_dtype, device=device)
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]
@@ -55,7 +56,8 @@ class ModelRunner:
         if len(copies):
             src = torch.from_numpy(copies[:, 0]).to(self.device)
             dst = torch.from_numpy(copies[:, 1]).to(self.device)
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            cache = as_bytes(self.kv_cache)
+            cache[:, :, dst] = cache[:, :, src]
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
         seqs, counts = batch.sequences, batch.num_new_tokens

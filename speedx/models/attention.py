@@ -40,7 +40,7 @@ class PagedAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and self.kernel_mode != "triton":
+        if qkv.device.type == "cpu" and qkv.dtype == self.k_cache.dtype == torch.bfloat16 and self.kernel_mode != "triton":
             q = self._rope_and_store_cpu(qkv, positions, meta.slot_mapping)
         else:
             q = rope_and_store(qkv, positions, self.rotary.cos_table, self.rotary.sin_table, self.k_cache, self.v_cache,

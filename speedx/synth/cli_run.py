@@ -79,7 +79,7 @@ def run_generate(args, checked) -> int:
     manifest_path = out / "manifest.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     llm = LLM(args.model, dtype=args.dtype, seed=args.seed, kv_cache_memory=args.kv_cache_memory,
-              max_num_seqs=args.max_num_seqs, lora=args.lora)
+              kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, lora=args.lora)
     if args.json_mode == "constrained":
         compile_schemas(llm, checked["families"])
     start = time.perf_counter()
@@ -88,7 +88,8 @@ def run_generate(args, checked) -> int:
     if args.revisor:
         same = (args.revisor, args.revisor_lora) == (args.model, args.lora)
         revisor_llm = llm if same else LLM(args.revisor, dtype=args.dtype, seed=args.seed, lora=args.revisor_lora,
-                                           kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
+                                           kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+                                           max_num_seqs=args.max_num_seqs)
         revisor = (revisor_llm, sampling_factory(args.temperature, args.top_p, args.max_tokens))
     planner = Planner(checked["families"], checked["weights"], tasks, args.seed)
     slots = shard_slots(args.num_examples, checked["shard"])

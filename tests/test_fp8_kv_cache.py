@@ -1,0 +1,124 @@
+"""kv_cache_dtype="fp8": the twins store rows rounded to float8 e4m3 and widen them when attending,
+the Triton kernels read (interpreter, CPU) and write (compiled, CUDA) the same cache, and the engine
+holds twice the tokens of a 16-bit cache in the same memory."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from helpers import make_llm, random_prompts
+
+from speedx import SamplingParams
+from speedx.kernels import paged_attention_torch, store_kvcache_torch
+
+FP8 = torch.float8_e4m3fn
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    from speedx.kernels.triton_jit import import_triton, interpreter_active
+
+    import_triton(interpret=not torch.cuda.is_available())  # see test_triton_attention.py
+    INTERPRETED = interpreter_active()
+else:
+    INTERPRETED = False
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs triton imported in interpreter mode")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA (compiled Triton)")
+
+
+def test_twin_store_rounds_rows_to_fp8_and_skips_padding():
+    cache = torch.randn(2, 6, 4, 2, 8).to(FP8)  # [k/v, blocks, block_size, kv_heads, head_dim]
+    before = cache.clone()
+    k, v = torch.randn(3, 2, 8) * 5, torch.randn(3, 2, 8)
+    slots = torch.tensor([13, -1, 2])
+    store_kvcache_torch(k, v, cache[0], cache[1], slots)
+    for rows, flat, old in ((k, cache[0].view(-1, 2, 8), before[0].view(-1, 2, 8)), (v, cache[1].view(-1, 2, 8), before[1].view(-1, 2, 8))):
+        assert torch.equal(flat[[13, 2]].view(torch.uint8), rows[[0, 2]].to(FP8).view(torch.uint8))
+        untouched = [i for i in range(flat.shape[0]) if i not in (13, 2)]
+        assert torch.equal(flat[untouched].view(torch.uint8), old[untouched].view(torch.uint8))
+
+
+def test_twin_attention_over_fp8_cache_is_attention_over_its_values():
+    from test_triton_attention import MIXED, make_case
+
+    q, k_cache, v_cache, table, cu, kv_lens = make_case(MIXED, 8, 2, 64, dtype=FP8)
+    q = torch.randn(q.shape)
+    out = paged_attention_torch(q, k_cache, v_cache, table, cu, kv_lens, 0.125)
+    ref = paged_attention_torch(q, k_cache.float(), v_cache.float(), table, cu, kv_lens, 0.125)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def check_triton_attention_fp8(seqs, device, q_dtype, num_splits):
+    from test_triton_attention import make_case
+
+    from speedx.kernels.triton_attention import paged_attention_triton
+
+    q, k_cache, v_cache, table, cu, kv_lens = make_case(seqs, 8, 2, 128, dtype=FP8, device=device)
+    q = torch.randn(q.shape, device=device).to(q_dtype)
+    out = paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, 128**-0.5, num_splits=num_splits)
+    ref = paged_attention_torch(q.float(), k_cache, v_cache, table, cu, kv_lens, 128**-0.5)
+    torch.testing.assert_close(out.float(), ref, atol=2e-5 if q_dtype == torch.float32 else 2e-2, rtol=0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("decode", [False, True], ids=["mixed", "decode-split"])
+def test_triton_attention_reads_fp8_cache(decode):
+    from test_triton_attention import DECODE, MIXED
+
+    check_triton_attention_fp8(DECODE if decode else MIXED, "cpu", torch.float32, 3 if decode else 1)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("decode", [False, True], ids=["mixed", "decode-split"])
+def test_gpu_triton_attention_reads_fp8_cache(decode):
+    from test_triton_attention import DECODE, MIXED
+
+    check_triton_attention_fp8(DECODE if decode else MIXED, "cuda", torch.bfloat16, 0 if decode else 1)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_rope_and_store_rounds_to_fp8_like_the_twin():
+    from test_triton_layers import rope_case
+
+    from speedx.kernels import rope_and_store_torch
+    from speedx.kernels.triton_layers import rope_and_store_triton
+
+    qkv, positions, cos, sin, cache, slots = rope_case(37, 32, 8, 128, torch.bfloat16, "cuda")
+    cache = cache.to(FP8)
+    ref_cache = cache.clone()
+    q = rope_and_store_triton(qkv, positions, cos, sin, cache[0], cache[1], slots, 32, 8)
+    ref_q = rope_and_store_torch(qkv, positions, cos, sin, ref_cache[0], ref_cache[1], slots, 32, 8)
+    assert torch.equal(q, ref_q)
+    torch.testing.assert_close(cache.float(), ref_cache.float(), atol=0, rtol=2**-3)  # at most one fp8 step
+    assert (cache.view(torch.uint8) != ref_cache.view(torch.uint8)).float().mean() < 0.01
+
+
+def test_llm_fp8_cache_holds_twice_the_tokens_and_generates(tiny_llama):
+    path, _, tok = tiny_llama
+    half = make_llm(path, dtype="bfloat16", kv_cache_memory="1MiB")
+    fp8 = make_llm(path, dtype="bfloat16", kv_cache_memory="1MiB", kv_cache_dtype="fp8")
+    assert fp8.engine.runner.kv_cache.dtype == FP8
+    assert 0 <= fp8.engine.pool.num_blocks - 2 * half.engine.pool.num_blocks <= 1  # (rounded down to whole blocks)
+    prompts = random_prompts(len(tok), [7, 19], seed=3)
+    outputs = fp8.generate(prompts + prompts[:1], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [6, 6, 6]
+    assert outputs[0].outputs[0].token_ids == outputs[2].outputs[0].token_ids  # same prompt, prefix-cache hit
+
+
+def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_llama):
+    with pytest.raises(ValueError, match="kv_cache_dtype='int4'.*'fp8'"):
+        make_llm(tiny_llama[0], kv_cache_dtype="int4")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_engine_fp8_cache_triton_equals_twins(monkeypatch, tiny_llama):
+    from test_triton_engine import generate
+
+    path, _, tok = tiny_llama
+    prompts = random_prompts(len(tok), [5, 11, 40, 3], seed=13)
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    kwargs = dict(device="cuda", block_size=16, max_num_batched_tokens=24, kv_cache_dtype="fp8")
+    assert generate(monkeypatch, "auto", path, prompts, params, **kwargs) == generate(monkeypatch, "torch", path, prompts, params, **kwargs)
