@@ -154,7 +154,7 @@ class LLMEngine:
                 self._append_token(child, token)
             self._append_token(seq, tokens[0])
             request = seq.request
-            if request.finished and request.request_id in self.requests:
+            if seq.is_finished and request.finished and request.request_id in self.requests:
                 finished.append(self._finish_request(request))
         stats.seconds = time.perf_counter() - start
         return finished, stats
@@ -205,7 +205,8 @@ class LLMEngine:
 
     def _stop_reason(self, seq: Sequence, token: int) -> tuple[str, str | int | None] | None:
         p = seq.params
-        can_stop = seq.num_output_tokens >= p.min_tokens
+        num_output_tokens = seq.num_output_tokens
+        can_stop = num_output_tokens >= p.min_tokens
         if can_stop and not p.ignore_eos and token in seq.request.eos_token_ids:
             return "stop", None
         if can_stop and token in p.stop_token_ids:
@@ -217,7 +218,7 @@ class LLMEngine:
                 if at >= 0:
                     seq.output_text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
                     return "stop", stop
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length", None
         return None
 

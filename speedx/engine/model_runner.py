@@ -63,12 +63,12 @@ class ModelRunner:
         seqs, counts = batch.sequences, batch.num_new_tokens
         starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=len(seqs))
         ends = starts + np.asarray(counts, dtype=np.int64)
-        input_ids = np.fromiter(
-            (t for s, a, b in zip(seqs, starts, ends) for t in s.token_ids[a:b]), dtype=np.int64, count=int(ends.sum() - starts.sum())
-        )
-        if len(input_ids) == len(seqs):  # one token each (decode): its position is its start
+        num_tokens = int(ends.sum() - starts.sum())
+        if num_tokens == len(seqs):  # one token each (decode): the newest, at position `start`
+            input_ids = np.fromiter((s.token_ids[a] for s, a in zip(seqs, starts.tolist())), dtype=np.int64, count=num_tokens)
             positions = starts
         else:
+            input_ids = np.fromiter((t for s, a, b in zip(seqs, starts, ends) for t in s.token_ids[a:b]), dtype=np.int64, count=num_tokens)
             positions = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
         seq_ids = np.fromiter((s.seq_id for s in seqs), dtype=np.int64, count=len(seqs))
         slot_mapping = np.empty(len(input_ids), dtype=np.int64)
@@ -122,7 +122,7 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
         for r, (seq, _) in enumerate(rows):
             p = seq.params
-            if seq.num_output_tokens < p.min_tokens:  # too early to stop: hide EOS and stop ids
+            if p.min_tokens and seq.num_output_tokens < p.min_tokens:  # too early to stop: hide EOS and stop ids
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else seq.request.eos_token_ids)
                 logits[r, banned] = float("-inf")
         # JSON-schema rows: only tokens their grammar allows next (EOS only once the JSON may end).

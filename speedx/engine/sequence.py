@@ -83,9 +83,10 @@ class Sequence:
     @property
     def pending_forks(self) -> int:
         """Samples still to split off this sequence when its prompt prefill completes."""
-        if self.sample_index != 0 or self.num_output_tokens > 0:
+        n = self.request.params.n
+        if n == 1 or self.sample_index != 0 or self.num_output_tokens > 0:
             return 0
-        return self.params.n - 1
+        return n - 1
 
     def fork(self, sample_index: int) -> "Sequence":
         return Sequence(
