@@ -46,6 +46,12 @@ if [ -z "${SKIP_8B:-}" ]; then
     # The fixed 1024-in / 1024-out grid, with transformers.generate timed on 16 of the prompts.
     step env SPEEDX_KERNELS=auto $M8B --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 \
         --hf-num-prompts 16 --out "$RESULTS/throughput_8b_1024x1024.json"
+    # The same grid with the fp8 KV cache (half the KV bytes: all 256 sequences fit on an H100).
+    step env SPEEDX_KERNELS=auto $M8B --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 --skip-hf \
+        --kv-cache-dtype fp8 --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
+    # Where the grid's time goes: device span vs host time per kind of step, and the top kernels.
+    step env SPEEDX_KERNELS=auto "$PY" bench/step_profile.py --model "$MODEL_DIR" --workload fixed \
+        --out "$RESULTS/step_profile_8b_1024x1024.json"
     # What CUDA graphs and the Triton kernels buy: the same short run eager, and on the PyTorch twins.
     for variant in "auto --enforce-eager" "torch --enforce-eager" "auto"; do
         set -- $variant

@@ -164,5 +164,6 @@ def rope_and_store_triton(qkv, positions, cos_table, sin_table, k_cache, v_cache
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads),
             KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
             HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1], num_warps=4,
+            enable_fp_fusion=False,  # else the rounded products and their sum fuse into one bf16 FMA
         )
     return q

@@ -319,6 +319,7 @@ def test_torchrun_two_cpu_processes_share_negatives(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_bf16_decoder_lora_gradcache_and_fused_loss(tmp_path, tiny_llama):
+    pytest.importorskip("datasets", reason="the GPU image lacks datasets (a core dependency everywhere else)")
     from sentence_transformers import SentenceTransformer
 
     from speedx.embed.data import load_training_rows
