@@ -8,6 +8,7 @@
 
 #include "block_pool.h"
 #include "cpu_activation.h"
+#include "cpu_sample.h"
 #include "cpu_attention.h"
 #include "cpu_gemm.h"
 #include "cpu_norm.h"
@@ -246,6 +247,26 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("gate_up"), py::arg("m"), py::arg("i"), py::arg("num_threads"),
       "out [m, i] = silu(gate) * up of gate_up [m, 2i] (gate first), bf16, on CPU (cpu_activation.h).\n"
       "data_ptr() of C-contiguous bf16 tensors.");
+  m.def(
+      "sample_rows",
+      [](py::array tokens, uintptr_t logits, int64_t vocab, const py::array& temperature,
+         const py::array& uniforms, int num_threads) {
+        check_array<int64_t>(tokens, "tokens", 1, true);
+        check_array<float>(temperature, "temperature", 1, false);
+        check_array<double>(uniforms, "uniforms", 1, false);
+        const int64_t m = tokens.shape(0);
+        if (temperature.shape(0) != m || uniforms.shape(0) != m)
+          throw py::value_error("tokens, temperature and uniforms must have one entry per row");
+        const speedx::SampleArgs args{static_cast<int64_t*>(tokens.mutable_data()), reinterpret_cast<const float*>(logits),
+                                      static_cast<const float*>(temperature.data()),
+                                      static_cast<const double*>(uniforms.data()), m, vocab, vocab, num_threads};
+        py::gil_scoped_release nogil;
+        speedx::sample_rows(args);
+      },
+      py::arg("tokens"), py::arg("logits"), py::arg("vocab"), py::arg("temperature"), py::arg("uniforms"),
+      py::arg("num_threads"),
+      "tokens[r] = the inverse-CDF draw of softmax(logits[r] / temperature[r]) at uniforms[r] (cpu_sample.h).\n"
+      "logits: data_ptr() of a C-contiguous fp32 [m, vocab] tensor; the arrays are numpy.");
   m.def(
       "rope_store_bf16",
       [](uintptr_t q_out, uintptr_t k_cache, uintptr_t v_cache, uintptr_t qkv, const py::array& positions,

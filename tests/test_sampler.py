@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -196,3 +198,47 @@ def test_bitmask_twin_hides_cleared_bits_and_greedy_picks_the_best_allowed():
     zeros = torch.zeros(rows)
     tokens = sample_tokens(logits, zeros, zeros.long(), torch.ones(rows), zeros, zeros.double(), bitmask)
     assert torch.equal(tokens, logits.masked_fill(~allowed, float("-inf")).argmax(-1))
+
+
+# The C++ draw on CPU (csrc/cpu_sample.cpp) against the PyTorch twin's float64 softmax/cumsum/search.
+
+def draw_args(rows: int, vocab: int, gen: torch.Generator, temperature: float, top_k=0, top_p=1.0, min_p=0.0):
+    return (
+        torch.full((rows,), temperature), torch.full((rows,), top_k, dtype=torch.int64), torch.full((rows,), top_p),
+        torch.full((rows,), min_p), torch.rand(rows, dtype=torch.float64, generator=gen),
+    )
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 131, 1000, 49157])
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.37), dict(temperature=1.7, top_k=20),
+                                    dict(temperature=0.8, top_p=0.9, min_p=0.02)], ids=str)
+def test_cpu_draw_equals_the_twin_token_for_token(vocab, params):
+    from speedx.engine.sampler import sample_tokens_cpu, sample_tokens_torch
+
+    gen = torch.Generator().manual_seed(vocab)
+    for _ in range(3):
+        logits = torch.randn(33, vocab, generator=gen) * 4
+        logits[::5, : vocab // 2] = float("-inf")  # masked tokens (a grammar's bitmask) weigh nothing
+        args = draw_args(33, vocab, gen, **params)
+        assert torch.equal(sample_tokens_cpu(logits, *args), sample_tokens_torch(logits, *args))
+
+
+def test_cpu_draw_edges_of_the_uniform_and_a_lone_token():
+    from speedx import _C
+
+    logits = torch.tensor([[float("-inf"), 0.5, -2.0, 1.0, float("-inf")]] * 3 + [[float("-inf")] * 2 + [3.0] + [float("-inf")] * 2])
+    tokens = np.empty(4, dtype=np.int64)
+    uniforms = np.array([0.0, 1 - 2.0**-53, 0.5, 0.99])
+    _C.sample_rows(tokens, logits.data_ptr(), 5, np.ones(4, dtype=np.float32), uniforms, 1)
+    # u = 0: the first token with weight; u just below 1: the last; a lone finite logit always wins
+    assert tokens[0] == 1 and tokens[1] == 3 and tokens[3] == 2
+    cdf = torch.softmax(logits[2].double(), -1).cumsum(-1)
+    assert tokens[2] == int((cdf > 0.5 * cdf[-1]).nonzero()[0])
+
+
+def test_cpu_draw_rejects_a_zero_temperature():
+    from speedx import _C
+
+    logits = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="temperatures must be > 0"):
+        _C.sample_rows(np.empty(1, dtype=np.int64), logits.data_ptr(), 4, np.zeros(1, dtype=np.float32), np.zeros(1), 1)

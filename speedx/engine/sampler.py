@@ -56,7 +56,7 @@ def mask_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     k_on = (top_k > 0) & (top_k < vocab)
     p_on = top_p < 1
     m_on = min_p > 0
-    if not bool((k_on | p_on | m_on).any()):
+    if not bool(_masks_on(top_k, top_p, min_p, vocab).any()):
         return logits
     logits = logits.clone()
     if bool(k_on.any()):
@@ -74,6 +74,11 @@ def mask_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
         threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         logits.masked_fill_((probs < threshold) & m_on.unsqueeze(1), float("-inf"))
     return logits
+
+
+def _masks_on(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Per row: does any of top-k, top-p, min-p restrict it?"""
+    return ((top_k > 0) & (top_k < vocab)) | (top_p < 1) | (min_p > 0)
 
 
 def _smallest_top_p_prob(probs: torch.Tensor, top_p: torch.Tensor, first_k: int = 256) -> torch.Tensor:
@@ -110,7 +115,8 @@ def sample_tokens(
         return sample_tokens_from_uniforms_triton(logits, temperature, top_k, top_p, min_p, uniforms, bitmask=bitmask)
     if bitmask is not None:
         logits = apply_bitmask(logits, bitmask)
-    return sample_tokens_torch(logits, temperature, top_k, top_p, min_p, uniforms)
+    sample = sample_tokens_cpu if logits.device.type == "cpu" and logits.dtype == torch.float32 else sample_tokens_torch
+    return sample(logits, temperature, top_k, top_p, min_p, uniforms)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
@@ -126,6 +132,37 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     if logits.device.type == "cpu":  # numpy's argmax is ~6x faster than torch's on CPU, same answer
         return torch.from_numpy(logits.numpy().argmax(axis=-1))
     return logits.argmax(dim=-1)
+
+
+def sample_tokens_cpu(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> torch.Tensor:
+    """sample_tokens_torch's contract on CPU fp32 logits, its draw in one C++ pass per row
+    (csrc/cpu_sample.cpp: fp32 weights, fp64 sums) instead of a float64 softmax, cumsum and search:
+    the same token unless the uniform falls within ~1e-7 of a token boundary."""
+    from speedx import _C
+
+    tokens = _argmax(logits)
+    sampled = (temperature > 0).nonzero().squeeze(1)
+    if sampled.numel() == 0:
+        return tokens
+    if sampled.numel() < logits.shape[0]:
+        logits, temperature, top_k, top_p, min_p, uniforms = (
+            t[sampled] for t in (logits, temperature, top_k, top_p, min_p, uniforms))
+    if bool(_masks_on(top_k, top_p, min_p, logits.shape[-1]).any()):  # draw from the scaled, masked logits
+        logits = mask_logits(logits / temperature.unsqueeze(1), top_k, top_p, min_p)
+        temperature = torch.ones_like(temperature)
+    logits = logits.contiguous()
+    drawn = np.empty(logits.shape[0], dtype=np.int64)
+    _C.sample_rows(drawn, logits.data_ptr(), logits.shape[1], temperature.float().contiguous().numpy(),
+                   uniforms.double().contiguous().numpy(), torch.get_num_threads())
+    tokens[sampled] = torch.from_numpy(drawn)
+    return tokens
 
 
 def sample_tokens_torch(
