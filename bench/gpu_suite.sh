@@ -7,8 +7,8 @@
 #   SKIP_8B=1 bash bench/gpu_suite.sh       # without the Llama-3-8B-shaped throughput runs
 #   SKIP_TESTS=1 SKIP_KERNELS=1 ...         # without the GPU tests / the kernel benchmarks
 # Everything takes about 10 minutes on an H100 (summed from its parts run on 2026-11-26; the 8B runs
-# are most of it): with a 10-minute limit per
-# command, run it in two calls (SKIP_8B=1, then SKIP_TESTS=1 SKIP_KERNELS=1).
+# are most of it): under a 10-minute limit per command, run it in two calls (SKIP_8B=1, then
+# SKIP_TESTS=1 SKIP_KERNELS=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
