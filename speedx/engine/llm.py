@@ -16,6 +16,7 @@ from speedx.engine.llm_engine import LLMEngine
 from speedx.engine.model_runner import ModelRunner
 from speedx.engine.outputs import CompletionOutput, RequestOutput
 from speedx.engine.sampling_params import SamplingParams
+from speedx.kernels.dispatch import use_triton
 from speedx.models.cpu_linear import use_fast_cpu_matmuls
 from speedx.models.llama import LlamaForCausalLM
 from speedx.models.lora import LoRAAdapter
@@ -76,7 +77,7 @@ class LLM:
         if lora is not None:
             weights = LoRAAdapter.load(lora).merge(weights)
         self.dtype = _resolve_dtype(dtype, path)
-        self.kv_cache_dtype = _resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
+        self.kv_cache_dtype = _resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)
         limit = min(config.max_position_embeddings, config.sliding_window or config.max_position_embeddings)
         if max_model_len is not None and max_model_len > limit:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's limit of {limit} tokens")
@@ -226,12 +227,16 @@ def _error_output(request_id: str, prompt, message: str) -> RequestOutput:
     return RequestOutput(request_id, text, ids, [CompletionOutput(0, "", [], "error")], error=message)
 
 
-def _resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+def _resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if kv_cache_dtype == "auto":
         return model_dtype
-    if kv_cache_dtype in ("fp8", "fp8_e4m3"):
-        return torch.float8_e4m3fn
-    raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected 'auto' (the model's dtype) or 'fp8'")
+    if kv_cache_dtype not in ("fp8", "fp8_e4m3"):
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected 'auto' (the model's dtype) or 'fp8'")
+    if device.type == "cuda" and use_triton(device) and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"kv_cache_dtype='fp8' needs a GPU with fp8 conversions (compute capability 8.9+: Ada, "
+                         f"Hopper or newer); {name} has none, so use kv_cache_dtype='auto'")
+    return torch.float8_e4m3fn
 
 
 @contextlib.contextmanager
