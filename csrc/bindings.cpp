@@ -250,22 +250,25 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "sample_rows",
       [](py::array tokens, uintptr_t logits, int64_t vocab, const py::array& temperature,
-         const py::array& uniforms, int num_threads) {
+         const py::array& uniforms, const py::array& top_p, int num_threads) {
         check_array<int64_t>(tokens, "tokens", 1, true);
         check_array<float>(temperature, "temperature", 1, false);
         check_array<double>(uniforms, "uniforms", 1, false);
+        check_array<float>(top_p, "top_p", 1, false);
         const int64_t m = tokens.shape(0);
-        if (temperature.shape(0) != m || uniforms.shape(0) != m)
-          throw py::value_error("tokens, temperature and uniforms must have one entry per row");
+        if (temperature.shape(0) != m || uniforms.shape(0) != m || top_p.shape(0) != m)
+          throw py::value_error("tokens, temperature, uniforms and top_p must have one entry per row");
         const speedx::SampleArgs args{static_cast<int64_t*>(tokens.mutable_data()), reinterpret_cast<const float*>(logits),
                                       static_cast<const float*>(temperature.data()),
-                                      static_cast<const double*>(uniforms.data()), m, vocab, vocab, num_threads};
+                                      static_cast<const double*>(uniforms.data()),
+                                      static_cast<const float*>(top_p.data()), m, vocab, vocab, num_threads};
         py::gil_scoped_release nogil;
         speedx::sample_rows(args);
       },
       py::arg("tokens"), py::arg("logits"), py::arg("vocab"), py::arg("temperature"), py::arg("uniforms"),
-      py::arg("num_threads"),
-      "tokens[r] = the inverse-CDF draw of softmax(logits[r] / temperature[r]) at uniforms[r] (cpu_sample.h).\n"
+      py::arg("top_p"), py::arg("num_threads"),
+      "tokens[r] = the inverse-CDF draw of softmax(logits[r] / temperature[r]) within its top_p[r] nucleus\n"
+      "at uniforms[r] (cpu_sample.h).\n"
       "logits: data_ptr() of a C-contiguous fp32 [m, vocab] tensor; the arrays are numpy.");
   m.def(
       "rope_store_bf16",

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <vector>
 
@@ -36,6 +38,53 @@ SPEEDX_INLINE D vexp_f64(const D& x) {
   const D p = (s0 + r4 * s1) + r8 * (s2 + r4 * (1.0 / 479001600));
   const L e = (__builtin_convertvector(n, L) + 1023) << 52;
   return x < -708.0 ? D{} : p * (D)e;
+}
+
+// Keeps the top-p nucleus of `weights` (zeroing the rest, refreshing the block sums) and returns
+// its total. `mass` = top_p x the total. The lightest kept weight is the lightest one whose heavier
+// weights sum to < mass. Non-negative doubles order like their bit patterns, so it is found by
+// bucketing on the top 12 bits (sign + exponent), then on the next 12 inside the bucket where the
+// heavier mass crosses `mass`, then by sorting what is left of that bucket.
+double keep_nucleus(std::vector<double>& weights, std::vector<double>& block_sums, double mass) {
+  auto bits = [](double w) { uint64_t u; std::memcpy(&u, &w, 8); return u; };
+  double heavier = 0.0;  // the mass of the weights above the current bucket
+  uint64_t prefix = 0;   // the high bits the current bucket's weights share
+  int shift = 64;        // how many low bits vary inside the current bucket
+  std::vector<double> bucket_mass;
+  for (const int width : {12, 12}) {
+    const int next = shift - width;
+    bucket_mass.assign(size_t(1) << width, 0.0);
+    for (const double w : weights) {
+      const uint64_t u = bits(w);
+      if (shift == 64 || (u >> shift) == prefix) bucket_mass[(u >> next) & ((uint64_t(1) << width) - 1)] += w;
+    }
+    int64_t b = int64_t(bucket_mass.size()) - 1;
+    while (b > 0 && heavier + bucket_mass[b] < mass) heavier += bucket_mass[b--];
+    prefix = (shift == 64 ? 0 : prefix << width) | uint64_t(b);
+    shift = next;
+  }
+  std::vector<double> rest;  // the crossing bucket's weights, heaviest first
+  for (const double w : weights)
+    if ((bits(w) >> shift) == prefix) rest.push_back(w);
+  std::sort(rest.begin(), rest.end(), std::greater<double>());
+  double lightest_kept = rest.empty() ? 0.0 : rest.front();
+  for (const double w : rest) {
+    if (!(heavier < mass)) break;
+    lightest_kept = w;
+    heavier += w;
+  }
+  double total = 0.0;
+  for (size_t b = 0; b < block_sums.size(); ++b) {
+    double sum = 0.0;
+    const size_t end = std::min(weights.size(), (b + 1) * size_t(kBlock));
+    for (size_t j = b * kBlock; j < end; ++j) {
+      if (weights[j] < lightest_kept) weights[j] = 0.0;
+      sum += weights[j];
+    }
+    block_sums[b] = sum;
+    total += sum;
+  }
+  return total;
 }
 
 template <int W>
@@ -86,6 +135,8 @@ SPEEDX_INLINE int64_t sample_row(const SampleArgs& a, int64_t row, std::vector<d
     total += sum;
   }
 
+  if (a.top_p[row] < 1.0f) total = keep_nucleus(weights, block_sums, a.top_p[row] * total);
+
   const double target = a.uniforms[row] * total;
   double running = 0.0;
   int64_t last_positive = v - 1;
@@ -135,8 +186,11 @@ void sample_rows(const SampleArgs& a) {
   if (a.num_threads < 1) throw std::invalid_argument("sample_rows: num_threads must be >= 1");
   if (a.m == 0) return;
   if (!a.tokens || !a.logits || !a.temperature || !a.uniforms) throw std::invalid_argument("sample_rows: null pointer");
-  for (int64_t r = 0; r < a.m; ++r)
+  if (!a.top_p) throw std::invalid_argument("sample_rows: null pointer");
+  for (int64_t r = 0; r < a.m; ++r) {
     if (!(a.temperature[r] > 0.0f)) throw std::invalid_argument("sample_rows: temperatures must be > 0");
+    if (!(a.top_p[r] > 0.0f && a.top_p[r] <= 1.0f)) throw std::invalid_argument("sample_rows: top_p must be in (0, 1]");
+  }
   const RowFn fn = pick(best_cpu_isa());
   [[maybe_unused]] const int nt = int(std::min<int64_t>(a.num_threads, a.m));
 #pragma omp parallel num_threads(nt) if (nt > 1)

@@ -12,6 +12,7 @@ struct SampleArgs {
   const float* logits;       // [m, v] fp32 rows, `stride` floats apart (masked-out tokens at -inf)
   const float* temperature;  // [m], > 0
   const double* uniforms;    // [m], in [0, 1)
+  const float* top_p;        // [m], in (0, 1]; 1 = off
   int64_t m, v, stride;
   int num_threads;
 };
@@ -21,6 +22,9 @@ struct SampleArgs {
 // twin, which it matches unless summation order moves a boundary across the uniform (~1e-16
 // relative). Weights more than 708 below the max are 0 (the twin keeps them down to 1e-324; a
 // 53-bit uniform never lands on them). A row with no finite logit gives v - 1, like the twin.
+// top_p < 1 first keeps only the nucleus, as the twin's mask does: every token whose weight is at
+// least that of the lightest token whose heavier tokens weigh < top_p of the total (ties all kept;
+// found by a radix select on the weights' bits, no full sort).
 // Checks the arguments (std::invalid_argument on a bad one).
 void sample_rows(const SampleArgs& a);
 

@@ -211,7 +211,8 @@ def draw_args(rows: int, vocab: int, gen: torch.Generator, temperature: float, t
 
 @pytest.mark.parametrize("vocab", [1, 7, 131, 1000, 49157])
 @pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.37), dict(temperature=1.7, top_k=20),
-                                    dict(temperature=0.8, top_p=0.9, min_p=0.02)], ids=str)
+                                    dict(temperature=0.8, top_p=0.9, min_p=0.02), dict(temperature=1.0, top_p=0.9),
+                                    dict(temperature=0.5, top_p=0.3), dict(temperature=1.2, top_p=0.999)], ids=str)
 def test_cpu_draw_equals_the_twin_token_for_token(vocab, params):
     from speedx.engine.sampler import sample_tokens_cpu, sample_tokens_torch
 
@@ -229,7 +230,7 @@ def test_cpu_draw_edges_of_the_uniform_and_a_lone_token():
     logits = torch.tensor([[float("-inf"), 0.5, -2.0, 1.0, float("-inf")]] * 3 + [[float("-inf")] * 2 + [3.0] + [float("-inf")] * 2])
     tokens = np.empty(4, dtype=np.int64)
     uniforms = np.array([0.0, 1 - 2.0**-53, 0.5, 0.99])
-    _C.sample_rows(tokens, logits.data_ptr(), 5, np.ones(4, dtype=np.float32), uniforms, 1)
+    _C.sample_rows(tokens, logits.data_ptr(), 5, np.ones(4, dtype=np.float32), uniforms, np.ones(4, dtype=np.float32), 1)
     # u = 0: the first token with weight; u just below 1: the last; a lone finite logit always wins
     assert tokens[0] == 1 and tokens[1] == 3 and tokens[3] == 2
     cdf = torch.softmax(logits[2].double(), -1).cumsum(-1)
@@ -241,4 +242,34 @@ def test_cpu_draw_rejects_a_zero_temperature():
 
     logits = torch.zeros(1, 4)
     with pytest.raises(ValueError, match="temperatures must be > 0"):
-        _C.sample_rows(np.empty(1, dtype=np.int64), logits.data_ptr(), 4, np.zeros(1, dtype=np.float32), np.zeros(1), 1)
+        _C.sample_rows(np.empty(1, dtype=np.int64), logits.data_ptr(), 4, np.zeros(1, dtype=np.float32), np.zeros(1),
+                       np.ones(1, dtype=np.float32), 1)
+
+
+@pytest.mark.parametrize("top_p", [0.2, 0.5, 0.9])
+def test_cpu_top_p_keeps_tied_boundary_tokens_like_the_twin(top_p):
+    from speedx.engine.sampler import sample_tokens_cpu, sample_tokens_torch
+
+    gen = torch.Generator().manual_seed(int(top_p * 10))
+    logits = torch.randint(-4, 3, (64, 1000), generator=gen).float()  # a few levels: ties everywhere
+    args = draw_args(64, 1000, gen, temperature=1.0, top_p=top_p)
+    assert torch.equal(sample_tokens_cpu(logits, *args), sample_tokens_torch(logits, *args))
+    # and the nucleus itself: uniforms just below 1 land on the last kept token, which must be a kept one
+    kept = mask_logits(logits, args[1], args[2], args[3]) > float("-inf")
+    last = sample_tokens_cpu(logits, *args[:4], torch.full((64,), 1 - 2.0**-53, dtype=torch.float64))
+    assert bool(kept[torch.arange(64), last].all())
+    assert torch.equal(last, torch.tensor([int(row.nonzero().max()) for row in kept]))
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.95])
+def test_cpu_top_p_nucleus_ends_where_the_twins_does(top_p):
+    """Logits sorted high to low: the nucleus is a prefix, and a uniform just below 1 draws its last
+    token, so the C++ boundary must equal the twin mask's to the token."""
+    from speedx.engine.sampler import sample_tokens_cpu
+
+    gen = torch.Generator().manual_seed(int(top_p * 100))
+    logits = (torch.randn(16, 49157, generator=gen) * 2).sort(dim=-1, descending=True).values
+    args = draw_args(16, 49157, gen, temperature=0.9, top_p=top_p)
+    kept = mask_logits(logits / 0.9, args[1], args[2], args[3]) > float("-inf")
+    last = sample_tokens_cpu(logits, *args[:4], torch.full((16,), 1 - 2.0**-53, dtype=torch.float64))
+    assert torch.equal(last, kept.sum(dim=-1) - 1)

@@ -154,8 +154,8 @@ def sample_tokens_cpu(
     min_p: torch.Tensor,
     uniforms: torch.Tensor,
 ) -> torch.Tensor:
-    """sample_tokens_torch's contract and tokens on CPU fp32 logits, the draw in one C++ pass per row
-    (csrc/cpu_sample.cpp, fp64 weights) instead of a float64 softmax, cumsum and search (5x faster)."""
+    """sample_tokens_torch's contract and tokens on CPU fp32 logits, the draw (and a top-p mask) in C++
+    (csrc/cpu_sample.cpp, fp64 weights) instead of float64 softmaxes, sorts, cumsum and search."""
     return _sample(logits, temperature, top_k, top_p, min_p, uniforms, _draw_cpp)
 
 
@@ -181,13 +181,14 @@ def _draw_torch(logits, temperature, top_k, top_p, min_p, uniforms) -> torch.Ten
 
 
 def _draw_cpp(logits, temperature, top_k, top_p, min_p, uniforms) -> torch.Tensor:
+    """Top-p alone is applied in C++ too; with top-k or min-p in the batch, the masks run here first."""
     from speedx import _C
 
-    if bool(_masks_on(top_k, top_p, min_p, logits.shape[-1]).any()):  # draw from the scaled, masked logits
-        logits = mask_logits(logits / temperature.unsqueeze(1), top_k, top_p, min_p)
-        temperature = torch.ones_like(temperature)
+    if bool(_masks_on(top_k, torch.ones_like(top_p), min_p, logits.shape[-1]).any()):
+        logits = mask_logits(logits / temperature.unsqueeze(1), top_k, top_p, min_p)  # scaled and masked
+        temperature, top_p = torch.ones_like(temperature), torch.ones_like(top_p)
     logits = logits.contiguous()
     drawn = np.empty(logits.shape[0], dtype=np.int64)
     _C.sample_rows(drawn, logits.data_ptr(), logits.shape[1], temperature.float().contiguous().numpy(),
-                   uniforms.double().contiguous().numpy(), torch.get_num_threads())
+                   uniforms.double().contiguous().numpy(), top_p.float().contiguous().numpy(), torch.get_num_threads())
     return torch.from_numpy(drawn)
