@@ -237,13 +237,16 @@ def test_cpu_draw_edges_of_the_uniform_and_a_lone_token():
     assert tokens[2] == int((cdf > 0.5 * cdf[-1]).nonzero()[0])
 
 
-def test_cpu_draw_rejects_a_zero_temperature():
+@pytest.mark.parametrize("temperature,top_p,message", [(0.0, 1.0, "temperatures must be > 0"),
+                                                       (1.0, 0.0, r"top_p must be in \(0, 1\]"),
+                                                       (1.0, 1.5, r"top_p must be in \(0, 1\]")])
+def test_cpu_draw_rejects_bad_arguments(temperature, top_p, message):
     from speedx import _C
 
     logits = torch.zeros(1, 4)
-    with pytest.raises(ValueError, match="temperatures must be > 0"):
-        _C.sample_rows(np.empty(1, dtype=np.int64), logits.data_ptr(), 4, np.zeros(1, dtype=np.float32), np.zeros(1),
-                       np.ones(1, dtype=np.float32), 1)
+    with pytest.raises(ValueError, match=message):
+        _C.sample_rows(np.empty(1, dtype=np.int64), logits.data_ptr(), 4, np.full(1, temperature, dtype=np.float32),
+                       np.zeros(1), np.full(1, top_p, dtype=np.float32), 1)
 
 
 @pytest.mark.parametrize("top_p", [0.2, 0.5, 0.9])
