@@ -19,12 +19,10 @@ import json
 import time
 from pathlib import Path
 
-import random
-
 import torch
 
 from speedx import LLM, SamplingParams
-from throughput import random_prompts
+from throughput import make_workload
 
 
 class HostEvent:
@@ -162,14 +160,7 @@ def main() -> None:
 
     llm = LLM(args.model, dtype="bfloat16", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_dtype=args.kv_cache_dtype)
-    vocab = llm.engine.vocab_size
-    if args.workload == "random":
-        rng = random.Random(1)
-        prompt_lens = [rng.randint(args.min_len, args.max_len) for _ in range(args.num_prompts)]
-        output_lens = [rng.randint(args.min_len, args.max_len) for _ in range(args.num_prompts)]
-    else:
-        prompt_lens, output_lens = [args.prompt_len] * args.num_prompts, [args.output_len] * args.num_prompts
-    prompts = random_prompts(args.num_prompts, prompt_lens, vocab)
+    prompts, output_lens = make_workload(args, llm)
     bandwidth, flops = measure_ceilings()
     model = llm.engine.runner.model
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)

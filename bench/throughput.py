@@ -85,6 +85,19 @@ def random_prompts(num: int, lengths: list[int], vocab: int, seed: int = 0) -> l
     return [[rng.randrange(vocab) for _ in range(n)] for n in lengths[:num]]
 
 
+def make_workload(args, llm: LLM) -> tuple[list[list[int]], list[int]]:
+    """(prompts, output lengths) of args.workload: chat, random (nano-vllm's) or fixed."""
+    n, vocab = args.num_prompts, llm.engine.vocab_size
+    if args.workload == "random":
+        rng = random.Random(1)
+        prompt_lens = [rng.randint(args.min_len, args.max_len) for _ in range(n)]
+        output_lens = [rng.randint(args.min_len, args.max_len) for _ in range(n)]
+        return random_prompts(n, prompt_lens, vocab), output_lens
+    if args.workload == "chat":
+        return [chat_prompt(llm, args.prompt_len)] * n, [args.output_len] * n
+    return random_prompts(n, [args.prompt_len] * n, vocab), [args.output_len] * n
+
+
 def time_speedx(llm: LLM, prompts, output_lens: list[int], temperature=0.0, top_p=1.0) -> tuple[float, int]:
     """Seconds and engine steps for one run."""
     llm.engine.pool.reset_prefix_cache()  # sharing within a run counts; carry-over between repeats does not
@@ -185,16 +198,7 @@ def main() -> None:
     llm = LLM(args.model, dtype=args.dtype, enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype)
     device = str(llm.device)
-    vocab = llm.engine.vocab_size
-    if args.workload == "random":
-        rng = random.Random(1)
-        prompt_lens = [rng.randint(args.min_len, args.max_len) for _ in range(args.num_prompts)]
-        output_lens = [rng.randint(args.min_len, args.max_len) for _ in range(args.num_prompts)]
-        prompts = random_prompts(args.num_prompts, prompt_lens, vocab)
-    else:
-        prompt = chat_prompt(llm, args.prompt_len) if args.workload == "chat" else None
-        prompts = [prompt] * args.num_prompts if prompt else random_prompts(args.num_prompts, [args.prompt_len] * args.num_prompts, vocab)
-        output_lens = [args.output_len] * args.num_prompts
+    prompts, output_lens = make_workload(args, llm)
     total_out = sum(output_lens)
     print(f"{args.workload}: {args.num_prompts} prompts, {sum(map(len, prompts))} tokens in, {total_out} out, "
           f"{args.dtype} on {device_name(device)}")
