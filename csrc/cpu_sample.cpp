@@ -185,8 +185,8 @@ void sample_rows(const SampleArgs& a) {
   if (a.m < 0 || a.v < 1 || a.stride < a.v) throw std::invalid_argument("sample_rows: need m >= 0, v >= 1, stride >= v");
   if (a.num_threads < 1) throw std::invalid_argument("sample_rows: num_threads must be >= 1");
   if (a.m == 0) return;
-  if (!a.tokens || !a.logits || !a.temperature || !a.uniforms) throw std::invalid_argument("sample_rows: null pointer");
-  if (!a.top_p) throw std::invalid_argument("sample_rows: null pointer");
+  if (!a.tokens || !a.logits || !a.temperature || !a.uniforms || !a.top_p)
+    throw std::invalid_argument("sample_rows: null pointer");
   for (int64_t r = 0; r < a.m; ++r) {
     if (!(a.temperature[r] > 0.0f)) throw std::invalid_argument("sample_rows: temperatures must be > 0");
     if (!(a.top_p[r] > 0.0f && a.top_p[r] <= 1.0f)) throw std::invalid_argument("sample_rows: top_p must be in (0, 1]");

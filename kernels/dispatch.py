@@ -91,8 +91,9 @@ def silu_mul(gate_up, *, mode: str | None = None):
 def rope_and_store(qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
                    *, mode: str | None = None):
     """rope_and_store_torch's contract, on the chosen backend."""
+    args = (qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
     if use_triton(qkv.device, mode):
-        from speedx.kernels.triton_layers import rope_and_store_triton as rope_and_store_impl
-    else:
-        rope_and_store_impl = rope_and_store_torch
-    return rope_and_store_impl(qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
+        from speedx.kernels.triton_layers import rope_and_store_triton
+
+        return rope_and_store_triton(*args)
+    return rope_and_store_torch(*args)

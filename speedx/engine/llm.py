@@ -242,7 +242,7 @@ def _resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, devic
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype if dtype.is_floating_point else previous)
+    torch.set_default_dtype(dtype)
     try:
         yield
     finally:

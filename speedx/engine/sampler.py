@@ -56,7 +56,7 @@ def mask_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     k_on = (top_k > 0) & (top_k < vocab)
     p_on = top_p < 1
     m_on = min_p > 0
-    if not bool(_masks_on(top_k, top_p, min_p, vocab).any()):
+    if not bool((k_on | p_on | m_on).any()):
         return logits
     logits = logits.clone()
     if bool(k_on.any()):
@@ -74,11 +74,6 @@ def mask_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
         threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         logits.masked_fill_((probs < threshold) & m_on.unsqueeze(1), float("-inf"))
     return logits
-
-
-def _masks_on(top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Per row: does any of top-k, top-p, min-p restrict it?"""
-    return ((top_k > 0) & (top_k < vocab)) | (top_p < 1) | (min_p > 0)
 
 
 def _smallest_top_p_prob(probs: torch.Tensor, top_p: torch.Tensor, first_k: int = 256) -> torch.Tensor:
@@ -184,7 +179,7 @@ def _draw_cpp(logits, temperature, top_k, top_p, min_p, uniforms) -> torch.Tenso
     """Top-p alone is applied in C++ too; with top-k or min-p in the batch, the masks run here first."""
     from speedx import _C
 
-    if bool(_masks_on(top_k, torch.ones_like(top_p), min_p, logits.shape[-1]).any()):
+    if bool((((top_k > 0) & (top_k < logits.shape[-1])) | (min_p > 0)).any()):
         logits = mask_logits(logits / temperature.unsqueeze(1), top_k, top_p, min_p)  # scaled and masked
         temperature, top_p = torch.ones_like(temperature), torch.ones_like(top_p)
     logits = logits.contiguous()
