@@ -35,7 +35,7 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (bench(lambda: dst.copy_(src)) * 1e-3)
 
 
-def paged_case(seqs, device="cuda"):
+def paged_case(seqs, device="cuda", kv_dtype=DTYPE):
     """seqs: [(q_len, kv_len)]; a block table randomly permuted over the pool (as after churn)."""
     blocks = [-(-kv // BLOCK) for _, kv in seqs]
     pool = sum(blocks) + 64
@@ -45,8 +45,8 @@ def paged_case(seqs, device="cuda"):
     for i, n in enumerate(blocks):
         table[i, :n] = perm[used : used + n]
         used += n
-    k_cache = torch.randn(pool, BLOCK, KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE)
-    v_cache = torch.randn_like(k_cache)
+    k_cache = torch.randn(pool, BLOCK, KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE).to(kv_dtype)
+    v_cache = torch.randn(pool, BLOCK, KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE).to(kv_dtype)
     tokens = sum(q for q, _ in seqs)
     q = torch.randn(tokens, HEADS, HEAD_DIM, device=device, dtype=DTYPE)
     cu = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=device)
@@ -136,8 +136,8 @@ def prefill_tile_rows() -> list[dict]:
             flops = sum(4 * q_len * (kv - q_len / 2) * HEADS * HEAD_DIM for q_len, kv in seqs)
             row = {"workload": name}
             for block_m, block_n, warps, stages in PREFILL_TILES:
-                def config(dtype, head_dim, group, all_decode, _m=block_m, _n=block_n, _w=warps, _s=stages):
-                    c = shipped(dtype, head_dim, group, all_decode)
+                def config(dtype, head_dim, group, all_decode, kv_dtype=None, _m=block_m, _n=block_n, _w=warps, _s=stages):
+                    c = shipped(dtype, head_dim, group, all_decode, kv_dtype)
                     return c | dict(BLOCK_Q=_m // c["GROUP_PAD"], BLOCK_N=_n, num_warps=_w, num_stages=_s)
                 A.attention_config = config
                 label = f"m{block_m}_n{block_n}_w{warps}_s{stages}"
@@ -149,6 +149,49 @@ def prefill_tile_rows() -> list[dict]:
                 row[label] = {"ms": ms, "TFLOP/s": flops / ms / 1e9}
             rows.append(row)
             print(name, {k: round(v["TFLOP/s"], 1) for k, v in row.items() if isinstance(v, dict)})
+    finally:
+        A.attention_config = shipped
+    return rows
+
+
+DECODE_TILES = [  # (keys per tile, warps, pipeline stages, fp16 dots). Shipped (attention_config): 64, 4, 2 for a
+    # bf16 cache, 128, 4, 3 with fp16 dots for fp8; 64, 8, 2 was the decode tile before 2026-11-26.
+    (64, 8, 2, False), (64, 4, 2, False), (64, 4, 3, False), (128, 4, 2, False), (128, 4, 3, False),
+    (128, 8, 2, False), (64, 8, 2, True), (64, 4, 3, True), (128, 4, 2, True), (128, 4, 3, True), (128, 8, 2, True),
+    (128, 4, 4, True), (256, 4, 3, True),
+]
+
+
+def decode_tile_rows(peak: float) -> list[dict]:
+    """Share of copy bandwidth of the decode attention kernel under other tiles than attention_config's
+    (the first entry is the decode tile before 2026-11-26), with a bf16 and an fp8 KV cache: an offline sweep."""
+    from speedx.kernels import triton_attention as A
+
+    shipped = A.attention_config
+    rows = []
+    try:
+        for kv_dtype in (DTYPE, torch.float8_e4m3fn):
+            for name, seqs in {"decode 256 x 1536": [(1, 1536)] * 256, "decode 64 x 1024": [(1, 1024)] * 64}.items():
+                q, k_cache, v_cache, table, cu, kv_lens = paged_case(seqs, kv_dtype=kv_dtype)
+                io_bytes = sum(kv for _, kv in seqs) * KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()
+                row = {"workload": f"{name}, {str(kv_dtype).split('.')[1]} KV"}
+                for block_n, warps, stages, fp16 in DECODE_TILES:
+                    if fp16 and kv_dtype == DTYPE:  # fp16 dots are for fp8 caches only (a bf16 one may overflow fp16)
+                        continue
+                    def config(dtype, head_dim, group, all_decode, kv_dtype=None, _n=block_n, _w=warps, _s=stages, _f=fp16):
+                        return shipped(dtype, head_dim, group, all_decode, kv_dtype) | dict(
+                            BLOCK_N=_n, num_warps=_w, num_stages=_s, FP16_DOTS=_f)
+                    A.attention_config = config
+                    label = f"n{block_n}_w{warps}_s{stages}" + ("_fp16dots" if fp16 else "")
+                    try:
+                        ms = bench(lambda: A.paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens,
+                                                                    HEAD_DIM**-0.5, num_splits=1))
+                    except Exception as exc:  # e.g. out of shared memory: not a candidate
+                        print(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0]}"[:300])
+                        continue
+                    row[label] = {"ms": ms, "of_copy_bw": io_bytes / (ms * 1e-3) / peak}
+                rows.append(row)
+                print(row["workload"], {k: round(v["of_copy_bw"], 3) for k, v in row.items() if isinstance(v, dict)})
     finally:
         A.attention_config = shipped
     return rows
@@ -245,9 +288,15 @@ def sampling_rows(peak: float) -> list[dict]:
     return rows
 
 
+SECTIONS = {"attention": attention_rows, "prefill_tiles": lambda peak: prefill_tile_rows(),
+            "decode_tiles": decode_tile_rows, "kv_store": kv_store_rows, "layers": layer_rows,
+            "sampling": sampling_rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results/kernels.json")
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU (the Triton kernels' CPU interpreter is for tests only); skipping.")
@@ -263,12 +312,9 @@ def main() -> None:
         "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "vocab": VOCAB,
                    "kv_dtype": str(DTYPE)},
         "copy_GB/s": peak / 1e9,
-        "attention": attention_rows(peak),
-        "prefill_tiles": prefill_tile_rows(),
-        "kv_store": kv_store_rows(peak),
-        "layers": layer_rows(peak),
-        "sampling": sampling_rows(peak),
     }
+    for section in args.only or SECTIONS:
+        report[section] = SECTIONS[section](peak)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -61,11 +61,13 @@ def check_triton_attention_fp8(seqs, device, q_dtype, num_splits):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-fp16-dots"])
 @pytest.mark.parametrize("decode", [False, True], ids=["mixed", "decode-split"])
-def test_triton_attention_reads_fp8_cache(decode):
+def test_triton_attention_reads_fp8_cache(decode, q_dtype):
+    """16-bit queries over an fp8 cache dot in fp16 (FP16_DOTS): within bf16 rounding of the twin."""
     from test_triton_attention import DECODE, MIXED
 
-    check_triton_attention_fp8(DECODE if decode else MIXED, "cpu", torch.float32, 3 if decode else 1)
+    check_triton_attention_fp8(DECODE if decode else MIXED, "cpu", q_dtype, 3 if decode else 1)
 
 
 @pytest.mark.gpu

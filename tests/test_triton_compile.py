@@ -28,7 +28,7 @@ def attention(cap, dtype, head_dim, group, all_decode, split, cache="same"):
     types.update({n: f"*{dt if cache == 'same' else cache}" for n in ("k_cache_ptr", "v_cache_ptr")})
     types.update(block_tables_ptr="*i32", cu_seqlens_q_ptr="*i32", kv_lens_ptr="*i32", part_out_ptr="*fp32",
                  part_lse_ptr="*fp32", scale_log2="fp32", stride_kb="i64", stride_vb="i64")
-    config = A.attention_config(dtype, head_dim, group, all_decode)
+    config = A.attention_config(dtype, head_dim, group, all_decode, torch.float8_e4m3fn if cache == "fp8e4nv" else None)
     options = dict(num_warps=config.pop("num_warps"), num_stages=config.pop("num_stages"))
     consts = dict(config, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=16, SPLIT=split)
     compile_for(cap, A._paged_attention_kernel, types, consts, **options)
