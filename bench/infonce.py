@@ -5,8 +5,12 @@ blocks: N = k * B, labels = arange(B)), dim D, normalized embeddings as leaf ten
 normalization is the same for both paths and left out). "extra memory" = peak during forward +
 backward - inputs - their gradients: the loss's own working memory.
 
-GPU (CUDA + triton): both paths measured (CUDA events, torch.cuda.max_memory_allocated). The
-target, at B=8192, k=7, D=4096 bf16: fused extra memory < 10% of the reference's, time <= 1.1x.
+GPU (CUDA + triton): both paths measured (CUDA events, torch.cuda.max_memory_allocated): the
+median of single steps started on an idle GPU, and the mean of steps run back to back as in a
+training loop. The target, at B=8192, k=7, D=4096 bf16: fused extra memory < 10% of the
+reference's, time <= 1.1x. `--breakdown` times each step of the fused path (the similarity
+products, the two Triton kernels under other tiles, the gradient products), whole steps under
+other workspace sizes, and prints a torch.profiler table of one step.
 CPU: the Triton path only runs interpreted, so only the reference is measured: time, and the peak
 of its live tensors (tracked op by op with a TorchDispatchMode); the fused path's memory is
 analytic (speedx.kernels.infonce.workspace_bytes), and the GPU target's memory is estimated (the
@@ -14,6 +18,7 @@ reference traced on the meta device). The JSON labels which is which.
 
     python bench/infonce.py                       # GPU: up to the target; CPU: a smaller sweep
     python bench/infonce.py --batch 8192 --docs-per-query 7 --dim 4096 --dtype bfloat16
+    python bench/infonce.py --breakdown --batch 8192 --docs-per-query 7
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ def measure_cuda(fn, q, d, labels, repeats):
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
+    back_to_back = timed_ms(lambda: step(fn, q, d, labels), repeats)  # as in a training loop: no idle gaps
     q.grad = d.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -83,7 +89,7 @@ def measure_cuda(fn, q, d, labels, repeats):
     loss = step(fn, q, d, labels)
     torch.cuda.synchronize()
     grads = q.grad.nbytes + d.grad.nbytes
-    return {"median_ms": statistics.median(times), "min_ms": min(times),
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "back_to_back_mean_ms": back_to_back,
             "extra_bytes": torch.cuda.max_memory_allocated() - base - grads}, loss
 
 
@@ -102,7 +108,107 @@ def bench_cuda(B, k, D, dtype, repeats):
     row["loss_abs_diff"] = abs(float(fused_loss) - float(ref_loss))
     row["memory_ratio"] = row["fused"]["extra_bytes"] / row["reference"]["extra_bytes"]
     row["time_ratio"] = row["fused"]["median_ms"] / row["reference"]["median_ms"]
+    row["time_ratio_back_to_back"] = row["fused"]["back_to_back_mean_ms"] / row["reference"]["back_to_back_mean_ms"]
     return row
+
+
+def timed_ms(fn, repeats=5):
+    """Mean milliseconds of fn (CUDA events; on CPU, a smoke run of one call under TRITON_INTERPRET=1)."""
+    fn()
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+WORKSPACES_MIB = [32, 64, 128, 256]
+# (rows, columns, warps) per program; the first of each list is the tile kernels/infonce.py ships.
+LSE_TILES = [None, (1, 4096, 8), (1, 4096, 16), (2, 2048, 8), (1, 2048, 4), (4, 1024, 4), (1, 1024, 4), (8, 256, 4)]
+GRAD_TILES = [None, (32, 512, 8), (16, 1024, 8), (8, 1024, 4), (32, 256, 8), (16, 256, 4), (8, 2048, 8), (32, 128, 4)]
+
+
+def breakdown(B, k, D, dtype, device="cuda"):
+    """Where the fused path's time goes at one shape: each step of one column chunk (times the
+    number of chunks), the two Triton kernels under other tiles, then, with the fastest tiles, the
+    whole forward + backward under other workspace sizes (chunk widths) and against the reference."""
+    from speedx.kernels import infonce as K
+
+    q, d, labels = make_inputs(B, k, D, dtype, device)
+    N = k * B
+    q_, d_ = q.detach(), d.detach()
+    scale = torch.tensor([SCALE], device=device)
+    cols = K.chunk_columns(B, N)
+    chunks = N / cols
+    S = torch.empty(B, cols, dtype=torch.float32, device=device)
+    G = torch.randn(B, cols, device=device).to(dtype)
+    stats = [torch.zeros(B, device=device) for _ in range(3)]
+    lse, g = torch.zeros(B, device=device), torch.full((B,), 1.0 / B, device=device)
+    acc = torch.zeros(B, D, dtype=torch.float32, device=device)
+    dd_chunk = torch.empty(cols, D, dtype=dtype, device=device)
+    chunk_flops = 2 * B * cols * D
+
+    def lse_update(block_m, block_n, warps):
+        return lambda: K._lse_update_kernel[(triton_cdiv(B, block_m),)](
+            S, labels, labels, labels, scale, *stats, B, 0, cols, S.stride(0),
+            HAS_IDS=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+
+    def softmax_grad(block_m, block_n, warps):
+        grid = (triton_cdiv(B, block_m), triton_cdiv(cols, block_n))
+        ds = torch.empty(grid[0] * grid[1], device=device)
+        return lambda: K._softmax_grad_kernel[grid](
+            S, labels, labels, labels, scale, lse, g, G, ds, B, 0, cols, S.stride(0), G.stride(0),
+            HAS_IDS=False, SCALE_GRAD=True, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+
+    lse_tiles = [K.LSE_TILE] + [t for t in LSE_TILES[1:] if t != K.LSE_TILE]
+    grad_tiles = [K.GRAD_TILE] + [t for t in GRAD_TILES[1:] if t != K.GRAD_TILE]
+    steps = {"similarities q @ d_chunk^T (fp32 out)": (lambda: K._similarities(q_, d_[:cols], S), chunk_flops, 0)}
+    steps |= {f"lse update {t}": (lse_update(*t), 0, B * cols * 4) for t in lse_tiles}
+    steps |= {f"softmax grad {t}": (softmax_grad(*t), 0, B * cols * (4 + G.element_size())) for t in grad_tiles}
+    steps |= {"dd[chunk] = G^T q": (lambda: torch.mm(G.t(), q_, out=dd_chunk), chunk_flops, 0),
+              "dq += G d_chunk (fp32)": (lambda: K._add_product(acc, G, d_[:cols]), chunk_flops, 0)}
+    rows = {"chunk_columns": cols, "chunks": chunks}
+    for name, (fn, flops, moved) in steps.items():
+        ms = timed_ms(fn)
+        rows[name] = {"ms_all_chunks": ms * chunks,
+                      **({"TFLOP/s": flops / ms / 1e9} if flops else {"GB/s": moved / ms / 1e6})}
+        print(name, {key: round(v, 2) for key, v in rows[name].items()})
+    fastest = {kind: min(tiles, key=lambda t, kind=kind: rows[f"{kind} {t}"]["ms_all_chunks"])
+               for kind, tiles in (("lse update", lse_tiles), ("softmax grad", grad_tiles))}
+    rows["fastest_tiles"] = {kind: list(t) for kind, t in fastest.items()}
+    shipped = K.WORKSPACE_BYTES, K.LSE_TILE, K.GRAD_TILE
+    try:
+        K.LSE_TILE, K.GRAD_TILE = fastest["lse update"], fastest["softmax grad"]
+        for mib in WORKSPACES_MIB:
+            K.WORKSPACE_BYTES = mib << 20
+            ms = timed_ms(lambda: step(K.infonce_triton, q, d, labels))
+            rows[f"fwd+bwd, fastest tiles, workspace {mib} MiB"] = {"ms": ms, "chunk_columns": K.chunk_columns(B, N)}
+            print(f"fwd+bwd, fastest tiles, workspace {mib} MiB: {ms:.2f} ms")
+        K.WORKSPACE_BYTES = shipped[0]
+        if torch.cuda.is_available():  # the kernels of one whole fused step, as they run in it
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                step(K.infonce_triton, q, d, labels)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+            rows["profile_one_step"] = table
+            print(table)
+        del q, d
+        rows["fastest tiles, shipped workspace, vs reference"] = bench_cuda(B, k, D, dtype, repeats=10)
+        print(json.dumps(rows["fastest tiles, shipped workspace, vs reference"]))
+    finally:
+        K.WORKSPACE_BYTES, K.LSE_TILE, K.GRAD_TILE = shipped
+    return rows
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 # --- CPU: the reference measured, the fused path analytic --------------------------------------
@@ -172,8 +278,15 @@ def main():
     parser.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     parser.add_argument("--repeats", type=int, default=10 if cuda else 3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time each step of the fused path and other workspace sizes, at --batch[0] x --docs-per-query[0]")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.breakdown:
+        rows = breakdown(args.batch[0], args.docs_per_query[0], args.dim, dtype, "cuda" if cuda else "cpu")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": device_name(), "breakdown": rows}, indent=2) + "\n")
+        return
     load_before = os.getloadavg()[0]  # other work on the machine skews the timings
     rows = []
     for k in args.docs_per_query:

@@ -80,7 +80,9 @@ def handwritten(q, d, labels, scale, ids=None):
 
 
 def loss_and_grads(backend, q, d, labels, ids, scale=50.0, device="cpu"):
-    q, d = q.to(device).requires_grad_(), d.to(device).requires_grad_()
+    # Fresh leaves per call: q.to("cpu") is q itself, whose .grad would accumulate across calls and be
+    # the very tensor an earlier call returned.
+    q, d = q.detach().clone().to(device).requires_grad_(), d.detach().clone().to(device).requires_grad_()
     labels, ids = labels.to(device), ids.to(device) if ids is not None else None
     s = torch.tensor(scale, device=device, requires_grad=True)
     loss = infonce_loss(q, d, labels, scale=s, backend=backend, document_ids=ids)
@@ -113,10 +115,28 @@ def test_kernel_matches_twin(fused, D, layout, k, masked):
 def test_kernel_backward_in_column_chunks(fused, monkeypatch):
     """A workspace smaller than B x N: the backward walks the columns in chunks (and D = 50 is no tile multiple)."""
     q, d, labels, ids = make_batch(47, 3, 50, "grouped", True)
-    monkeypatch.setattr(fused, "WORKSPACE_BYTES", 47 * 64 * 4)
-    assert fused.chunk_columns(47, d.shape[0], 4, 32) == 64  # 188 columns -> 3 chunks
+    monkeypatch.setattr(fused, "WORKSPACE_BYTES", 47 * 48 * 4)
+    # 188 columns -> chunks of 48 (the last narrower), no multiple of the tiles: a tile reaches past
+    # its chunk into the next one's columns, labels included
+    assert fused.chunk_columns(47, d.shape[0]) == 48
     assert_same(loss_and_grads("triton", q, d, labels, ids, scale=30.0, device=DEVICE),
                 loss_and_grads("torch", q, d, labels, ids, scale=30.0, device=DEVICE))
+
+
+def test_kernel_bf16_in_column_chunks(fused, monkeypatch):
+    """bf16 over several chunks (dq summed in fp32 across them; on CUDA the products have fp32
+    output): as close to the twin run in fp32 on the same bf16 values as the twin in bf16 is."""
+    q, d, labels, ids = make_batch(300, 3, 128, "grouped", True)
+    q, d = q.bfloat16(), d.bfloat16()
+    monkeypatch.setattr(fused, "WORKSPACE_BYTES", 300 * 256 * 4)  # 1200 columns -> 5 chunks
+    exact = loss_and_grads("torch", q.float(), d.float(), labels, ids, device=DEVICE)
+
+    def relative_errors(backend):
+        got = loss_and_grads(backend, q, d, labels, ids, device=DEVICE)
+        return [((x.float() - y).abs().max() / y.abs().max()).item() for x, y in zip(got, exact)]
+
+    fused_errors, twin_errors = relative_errors("triton"), relative_errors("torch")
+    assert all(f <= max(2 * t, 1e-2) for f, t in zip(fused_errors, twin_errors)), (fused_errors, twin_errors)
 
 
 COMPILE_FOR_GPUS = """
@@ -126,13 +146,13 @@ from triton.compiler import ASTSource
 import speedx.kernels.infonce as k
 
 for cap in (80, 90):
-    for fn in (k._infonce_fwd_kernel, k._infonce_bwd_kernel):
-        consts = dict(HAS_IDS=True, SCALE_GRAD=True, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, PRECISION="tf32")
+    for fn, (block_m, block_n, warps) in ((k._lse_update_kernel, k.LSE_TILE), (k._softmax_grad_kernel, k.GRAD_TILE)):
+        consts = dict(HAS_IDS=True, SCALE_GRAD=True, BLOCK_M=block_m, BLOCK_N=block_n)
         consts = {name: value for name, value in consts.items() if name in fn.arg_names}
-        types = dict(q_ptr="*bf16", d_ptr="*bf16", G_ptr="*bf16", labels_ptr="*i64", ids_ptr="*i64", label_ids_ptr="*i64")
+        types = dict(G_ptr="*bf16", labels_ptr="*i64", ids_ptr="*i64", label_ids_ptr="*i64")
         sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
                for n in fn.arg_names}
-        options = dict(num_warps=8, num_stages=3)
+        options = dict(num_warps=warps)
         triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", cap, 32), options=options)
 """
 
