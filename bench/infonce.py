@@ -130,9 +130,9 @@ def timed_ms(fn, repeats=5):
 
 
 WORKSPACES_MIB = [32, 64, 128, 256]
-# (rows, columns, warps) per program; the first of each list is the tile kernels/infonce.py ships.
-LSE_TILES = [None, (1, 4096, 8), (1, 4096, 16), (2, 2048, 8), (1, 2048, 4), (4, 1024, 4), (1, 1024, 4), (8, 256, 4)]
-GRAD_TILES = [None, (32, 512, 8), (16, 1024, 8), (8, 1024, 4), (32, 256, 8), (16, 256, 4), (8, 2048, 8), (32, 128, 4)]
+# (rows, columns, warps) per program: candidates, timed after the tiles kernels/infonce.py ships.
+LSE_TILES = [(1, 4096, 8), (1, 4096, 16), (2, 2048, 8), (1, 2048, 4), (4, 1024, 4), (1, 1024, 4), (8, 256, 4)]
+GRAD_TILES = [(32, 512, 8), (16, 1024, 8), (8, 1024, 4), (32, 256, 8), (16, 256, 4), (8, 2048, 8), (32, 128, 4)]
 
 
 def breakdown(B, k, D, dtype, device="cuda"):
@@ -167,8 +167,8 @@ def breakdown(B, k, D, dtype, device="cuda"):
             S, labels, labels, labels, scale, lse, g, G, ds, B, 0, cols, S.stride(0), G.stride(0),
             HAS_IDS=False, SCALE_GRAD=True, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
-    lse_tiles = [K.LSE_TILE] + [t for t in LSE_TILES[1:] if t != K.LSE_TILE]
-    grad_tiles = [K.GRAD_TILE] + [t for t in GRAD_TILES[1:] if t != K.GRAD_TILE]
+    lse_tiles = [K.LSE_TILE] + [t for t in LSE_TILES if t != K.LSE_TILE]
+    grad_tiles = [K.GRAD_TILE] + [t for t in GRAD_TILES if t != K.GRAD_TILE]
     steps = {"similarities q @ d_chunk^T (fp32 out)": (lambda: K._similarities(q_, d_[:cols], S), chunk_flops, 0)}
     steps |= {f"lse update {t}": (lse_update(*t), 0, B * cols * 4) for t in lse_tiles}
     steps |= {f"softmax grad {t}": (softmax_grad(*t), 0, B * cols * (4 + G.element_size())) for t in grad_tiles}
