@@ -8,8 +8,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import importlib.util
+
 import pytest
 import torch
+
+# Triton fixes interpreter vs compiler at its first import, for the whole process. Without CUDA the
+# Triton tests need the interpreter, so import it interpreted here, before any test module (or a
+# library one imports: transformers, peft, trl, sentence-transformers) can import it compiled and
+# leave every kernel-vs-twin test skipped.
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    from speedx.kernels.triton_jit import import_triton
+
+    import_triton(interpret=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
