@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One command for a lent H100/H200: GPU tests, kernel benchmarks, end-to-end throughput.
-# Installs nothing and reaches no network: it uses the Python environment already there
-# (.venv if present, else $PYTHON, else python3) and writes results under bench/results/.
+# Reaches no network: it uses the Python environment already there (.venv if present, else
+# $PYTHON, else python3), builds speedx into it from this checkout if it is not importable there
+# (pip --no-build-isolation --no-deps: the device image has torch, pybind11, scikit-build-core,
+# cmake and ninja), and writes results under bench/results/.
 #
 #   bash bench/gpu_suite.sh                 # everything
 #   SKIP_8B=1 bash bench/gpu_suite.sh       # without the Llama-3-8B-shaped throughput runs
 #   SKIP_TESTS=1 SKIP_KERNELS=1 ...         # without the GPU tests / the kernel benchmarks
-# Everything takes about 10 minutes on an H100 (summed from its parts run on 2026-11-26; the 8B runs
-# are most of it): under a 10-minute limit per command, run it in two calls (SKIP_8B=1, then
-# SKIP_TESTS=1 SKIP_KERNELS=1).
+# Everything takes about 12 minutes on an H100/H200 (summed from its parts run on 2026-11-26; the
+# 8B runs are most of it): under a 10-minute limit per command, run it in two calls (SKIP_8B=1,
+# then SKIP_TESTS=1 SKIP_KERNELS=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,6 +21,8 @@ status=0
 step() { echo; echo "=== $*"; "$@" || { echo "!!! failed: $*"; status=1; }; }
 
 nvidia-smi -L || true
+"$PY" -c "import speedx._C, speedx.kernels" 2>/dev/null \
+    || "$PY" -m pip install -q --no-build-isolation --no-deps -e . || { echo "!!! could not build speedx"; exit 1; }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 # 1. The @gpu tests: compiled Triton kernels on CUDA (bf16 and fp32) against the twins.
@@ -31,6 +35,9 @@ nvidia-smi -L || true
 [ -z "${SKIP_KERNELS:-}" ] && step "$PY" bench/kernels.py --out "$RESULTS/kernels.json"
 #    Fused InfoNCE vs the PyTorch reference (target at B=8192, 7 docs/query, d=4096: <10% of its extra memory, <=1.1x time).
 [ -z "${SKIP_KERNELS:-}" ] && step "$PY" bench/infonce.py --out "$RESULTS/infonce.json"
+#    ... and where its time goes: each step, tile and workspace sweeps, a kernel profile of one step.
+[ -z "${SKIP_KERNELS:-}" ] && step "$PY" bench/infonce.py --breakdown --batch 8192 --docs-per-query 7 \
+    --out "$RESULTS/infonce_breakdown.json"
 
 # 3. End-to-end throughput on the embedded default model (if its package is installed), both kernel paths.
 if "$PY" -c "from speedx.models.default_model import default_model_path; default_model_path()" 2>/dev/null; then

@@ -197,8 +197,12 @@ def breakdown(B, k, D, dtype, device="cuda"):
                 step(K.infonce_triton, q, d, labels)
                 torch.cuda.synchronize()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
-            rows["profile_one_step"] = table
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3  # one stream: no overlap
+            span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1e3
+            rows["profile_one_step"] = {"table": table, "kernels_busy_ms": busy, "first_to_last_kernel_ms": span}
             print(table)
+            print(f"kernels busy {busy:.2f} ms of the {span:.2f} ms from the first kernel's start to the last's end")
         del q, d
         rows["fastest tiles, shipped workspace, vs reference"] = bench_cuda(B, k, D, dtype, repeats=10)
         print(json.dumps(rows["fastest tiles, shipped workspace, vs reference"]))
