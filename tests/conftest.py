@@ -18,9 +18,12 @@ import torch
 # library one imports: transformers, peft, trl, sentence-transformers) can import it compiled and
 # leave every kernel-vs-twin test skipped.
 if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-    from speedx.kernels.triton_jit import import_triton
+    from speedx.kernels.triton_jit import import_triton, interpreter_active
 
     import_triton(interpret=True)
+    if not interpreter_active():  # a plugin imported it first: fail loudly rather than skip the kernel tests
+        raise RuntimeError("triton was imported in compiled mode before tests/conftest.py; the Triton tests on CPU "
+                           "need its interpreter: run pytest with TRITON_INTERPRET=1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,10 +16,9 @@ from speedx.kernels import paged_attention_torch, store_kvcache_torch
 FP8 = torch.float8_e4m3fn
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
-    from speedx.kernels.triton_jit import import_triton, interpreter_active
+    from speedx.kernels.triton_jit import interpreter_active
 
-    import_triton(interpret=not torch.cuda.is_available())  # see test_triton_attention.py
-    INTERPRETED = interpreter_active()
+    INTERPRETED = interpreter_active()  # without CUDA, conftest.py imported triton interpreted
 else:
     INTERPRETED = False
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs triton imported in interpreter mode")

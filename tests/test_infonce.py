@@ -15,15 +15,10 @@ import torch.nn.functional as F
 
 from speedx.embed import InfoNCELoss, infonce_loss, infonce_torch
 
-# Triton fixes interpreter vs compiler at its first import (its own tl.* helpers are decorated then):
-# without CUDA import it interpreted now, at collection, before anything else can import it
-# (sentence_transformers does). TRITON_INTERPRET is set only for that import, as in test_triton_*.py.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON:
-    from speedx.kernels.triton_jit import import_triton, interpreter_active
-
-    import_triton(interpret=DEVICE == "cpu")
+if HAS_TRITON:  # without CUDA, conftest.py imported triton interpreted (the mode is fixed at its first import)
+    from speedx.kernels.triton_jit import interpreter_active
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,8 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from speedx.kernels.triton_jit import import_triton, interpreter_active
-
-# Triton fixes interpreter vs compiler at its first import: without CUDA import it interpreted
-# (TRITON_INTERPRET=1 only for that import, so the environment of other tests is unchanged).
-import_triton(interpret=not torch.cuda.is_available())
+# Without CUDA, conftest.py imported triton interpreted (the mode is fixed at its first import).
+from speedx.kernels.triton_jit import interpreter_active
 
 from speedx.kernels import paged_attention_torch, store_kvcache_torch  # noqa: E402
 from speedx.kernels.triton_attention import paged_attention_triton  # noqa: E402

@@ -16,11 +16,9 @@ from speedx import SamplingParams
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
-    from speedx.kernels.triton_jit import import_triton, interpreter_active
+    from speedx.kernels.triton_jit import interpreter_active
 
-    # Interpreter mode is fixed at triton's first import (see test_triton_attention.py).
-    import_triton(interpret=not torch.cuda.is_available())
-    INTERPRETED = interpreter_active()
+    INTERPRETED = interpreter_active()  # without CUDA, conftest.py imported triton interpreted
 else:
     INTERPRETED = False
 cpu_only = pytest.mark.skipif(not INTERPRETED, reason="needs triton imported in interpreter mode")

@@ -12,10 +12,8 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from speedx.kernels.triton_jit import import_triton, interpreter_active
-
-# Interpreter mode is fixed at triton's first import (see test_triton_attention.py).
-import_triton(interpret=not torch.cuda.is_available())
+# Without CUDA, conftest.py imported triton interpreted (the mode is fixed at its first import).
+from speedx.kernels.triton_jit import interpreter_active
 
 from speedx.engine import sampler  # noqa: E402
 from speedx.engine.sampler import counter_uniform, mask_logits, sample_tokens_torch  # noqa: E402
