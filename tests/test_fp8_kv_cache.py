@@ -4,25 +4,15 @@ holds twice the tokens of a 16-bit cache in the same memory."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from helpers import make_llm, random_prompts
+from triton_marks import needs_cuda, needs_interpreter
 
 from speedx import SamplingParams
 from speedx.kernels import paged_attention_torch, store_kvcache_torch
 
 FP8 = torch.float8_e4m3fn
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON:
-    from speedx.kernels.triton_jit import interpreter_active
-
-    INTERPRETED = interpreter_active()  # without CUDA, conftest.py imported triton interpreted
-else:
-    INTERPRETED = False
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs triton imported in interpreter mode")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA (compiled Triton)")
 
 
 def test_twin_store_rounds_rows_to_fp8_and_skips_padding():

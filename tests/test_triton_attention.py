@@ -12,16 +12,11 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-# Without CUDA, conftest.py imported triton interpreted (the mode is fixed at its first import).
-from speedx.kernels.triton_jit import interpreter_active
-
+from triton_marks import needs_cuda, needs_interpreter  # noqa: E402
 from speedx.kernels import paged_attention_torch, store_kvcache_torch  # noqa: E402
 from speedx.kernels.triton_attention import paged_attention_triton  # noqa: E402
 from speedx.kernels.triton_kv_store import store_kvcache_triton  # noqa: E402
 
-INTERPRETED = interpreter_active()
-cpu_only = pytest.mark.skipif(not INTERPRETED, reason="triton was imported compiled: CPU tensors need the interpreter")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA (compiled Triton)")
 
 MIXED = [(1, 1328), (5, 18), (129, 463)]  # (q_len, kv_len): a decode, a chunk, a long prefill chunk
 DECODE = [(1, 1328), (1, 7), (1, 300), (1, 64), (1, 1)]
@@ -62,27 +57,27 @@ def check_attention(seqs, num_heads, num_kv_heads, head_dim, atol, num_splits=1,
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
 
 
-@cpu_only
+@needs_interpreter
 @pytest.mark.parametrize("heads", HEADS, ids=str)
 @pytest.mark.parametrize("seqs", [MIXED, DECODE], ids=["mixed", "decode"])
 def test_attention_matches_twin(seqs, heads):
     check_attention(seqs, *heads, head_dim=64, atol=2e-5)
 
 
-@cpu_only
+@needs_interpreter
 @pytest.mark.parametrize("seqs", [MIXED, DECODE], ids=["mixed", "decode"])
 def test_attention_head_dim_128_and_strided_q(seqs):
     check_attention(seqs, 8, 2, 128, atol=2e-5, strided_q=True)
 
 
-@cpu_only
+@needs_interpreter
 @pytest.mark.parametrize("block_size", [4, 12])
 def test_attention_small_and_odd_block_sizes(block_size):
     # the engine's tests use block_size 4; a non-power of two still walks the table per token
     check_attention([(1, 37), (3, 3), (17, 40)], 5, 1, 80, atol=2e-5, block_size=block_size)
 
 
-@cpu_only
+@needs_interpreter
 @pytest.mark.parametrize("num_splits", [2, 3, 8])
 @pytest.mark.parametrize("heads", HEADS, ids=str)
 def test_split_kv_matches_twin(heads, num_splits):
@@ -104,7 +99,7 @@ def check_store(num_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
-@cpu_only
+@needs_interpreter
 @pytest.mark.parametrize("num_kv_heads,head_dim", [(2, 64), (1, 128), (3, 80)])
 def test_store_kvcache_matches_twin(num_kv_heads, head_dim):
     check_store(num_kv_heads, head_dim)

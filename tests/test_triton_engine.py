@@ -3,26 +3,16 @@ greedy tokens, and importing speedx never needs triton."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
 
 import pytest
-import torch
 from helpers import make_llm, random_prompts
+from triton_marks import needs_cuda, needs_interpreter
 
 from speedx import SamplingParams
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON:
-    from speedx.kernels.triton_jit import interpreter_active
-
-    INTERPRETED = interpreter_active()  # without CUDA, conftest.py imported triton interpreted
-else:
-    INTERPRETED = False
-cpu_only = pytest.mark.skipif(not INTERPRETED, reason="needs triton imported in interpreter mode")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA (compiled Triton)")
 
 
 def generate(monkeypatch, mode, path, prompts, params, **llm_kwargs):
@@ -31,7 +21,7 @@ def generate(monkeypatch, mode, path, prompts, params, **llm_kwargs):
     return [[s.token_ids for s in out.outputs] for out in llm.generate(prompts, params, use_tqdm=False)]
 
 
-@cpu_only
+@needs_interpreter
 def test_greedy_engine_triton_equals_torch(monkeypatch, tiny_llama):
     path, _, tok = tiny_llama
     prompts = random_prompts(len(tok), [5, 11], seed=11)
@@ -64,7 +54,7 @@ def spy_on_triton(monkeypatch) -> dict[str, int]:
     return calls
 
 
-@cpu_only
+@needs_interpreter
 def test_seeded_request_same_tokens_alone_or_batched(monkeypatch, tiny_llama):
     path, _, tok = tiny_llama
     prompts = random_prompts(len(tok), [6, 9], seed=12)
@@ -101,7 +91,7 @@ def check_bitmask_route(monkeypatch, tiny_llama, triton_mode, **llm_kwargs):
     assert set(json.loads(tok.decode(expected[0][0]))) == {"a"}
 
 
-@cpu_only
+@needs_interpreter
 def test_json_schema_rows_reach_the_triton_sampler_as_a_bitmask(monkeypatch, tiny_llama):
     check_bitmask_route(monkeypatch, tiny_llama, "triton")
 

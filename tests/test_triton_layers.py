@@ -12,18 +12,14 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-# Without CUDA, conftest.py imported triton interpreted (the mode is fixed at its first import).
-from speedx.kernels.triton_jit import interpreter_active
-
+from triton_marks import needs_cuda, needs_interpreter  # noqa: E402
 from speedx.kernels import rms_norm_torch, rope_and_store_torch, silu_mul_torch  # noqa: E402
 from speedx.kernels.triton_layers import rms_norm_triton, rope_and_store_triton, silu_mul_triton  # noqa: E402
 from speedx.models.layers import RotaryEmbedding  # noqa: E402
 
-INTERPRETED = interpreter_active()
-ON_CPU = pytest.mark.skipif(not INTERPRETED, reason="needs the interpreter")
-ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA (compiled Triton)")]
-DEVICES = [pytest.param("cpu", marks=ON_CPU), pytest.param("cuda", marks=ON_GPU)]
-CASES = [pytest.param("cpu", torch.float32, marks=ON_CPU, id="cpu-fp32"),
+ON_GPU = [pytest.mark.gpu, needs_cuda]
+DEVICES = [pytest.param("cpu", marks=needs_interpreter), pytest.param("cuda", marks=ON_GPU)]
+CASES = [pytest.param("cpu", torch.float32, marks=needs_interpreter, id="cpu-fp32"),
          pytest.param("cuda", torch.float32, marks=ON_GPU, id="cuda-fp32"),
          pytest.param("cuda", torch.bfloat16, marks=ON_GPU, id="cuda-bf16")]
 # fp32: only summation order differs. bf16: the kernels round where the twins do, so at most one

@@ -12,9 +12,7 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-# Without CUDA, conftest.py imported triton interpreted (the mode is fixed at its first import).
-from speedx.kernels.triton_jit import interpreter_active
-
+from triton_marks import needs_cuda, needs_interpreter  # noqa: E402
 from speedx.engine import sampler  # noqa: E402
 from speedx.engine.sampler import counter_uniform, mask_logits, sample_tokens_torch  # noqa: E402
 from speedx.kernels.triton_sampling import (  # noqa: E402
@@ -23,9 +21,6 @@ from speedx.kernels.triton_sampling import (  # noqa: E402
     sample_tokens_triton,
 )
 
-INTERPRETED = interpreter_active()
-cpu_only = pytest.mark.skipif(not INTERPRETED, reason="triton was imported compiled: CPU tensors need the interpreter")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA (compiled Triton)")
 
 
 def random_case(rows, vocab, device="cpu"):
@@ -69,7 +64,7 @@ def check_masks(rows, vocab, device="cpu"):
     assert torch.equal(mask_logits_triton(logits, top_k, top_p, min_p, bitmask=bitmask), expected)
 
 
-@cpu_only
+@needs_interpreter
 @pytest.mark.parametrize("rows,vocab", [(12, 300), (8, 64), (8, 4100)], ids=["300", "64", "two-blocks"])
 def test_masks_match_sort_based_twin(rows, vocab):
     check_masks(rows, vocab)
@@ -84,7 +79,7 @@ def row_args(rows, temperature, top_k=0, top_p=1.0, min_p=0.0, device="cpu"):
     )
 
 
-@cpu_only
+@needs_interpreter
 def test_greedy_rows_are_first_argmax_after_bitmask():
     logits = torch.randint(-3, 3, (6, 70)).float()  # many tied maxima: the first one wins, like torch
     logits[2, 40] = 9.0
@@ -123,7 +118,7 @@ def check_keyed_draw(device="cpu"):
     assert torch.equal(sample_tokens_from_uniforms_triton(logits, temperature, top_k, top_p, min_p, uniforms), tokens)
 
 
-@cpu_only
+@needs_interpreter
 def test_draw_is_keyed_by_seed_sample_position_only():
     check_keyed_draw()
 
@@ -151,12 +146,12 @@ def check_frequencies(draws, device="cpu"):
     assert ((freqs - probs).abs() <= 4.5 * sigma + 1e-12).all(), (freqs, probs)
 
 
-@cpu_only
+@needs_interpreter
 def test_frequencies_match_masked_distribution():
     check_frequencies(800)
 
 
-@cpu_only
+@needs_interpreter
 def test_sampler_dispatch(monkeypatch):
     rows, vocab = 8, 100
     logits, top_k, top_p, min_p = random_case(rows, vocab)
