@@ -203,7 +203,6 @@ def breakdown(B, k, D, dtype, device="cuda"):
             rows["profile_one_step"] = {"table": table, "kernels_busy_ms": busy, "first_to_last_kernel_ms": span}
             print(table)
             print(f"kernels busy {busy:.2f} ms of the {span:.2f} ms from the first kernel's start to the last's end")
-        del q, d
         rows["fastest tiles, shipped workspace, vs reference"] = bench_cuda(B, k, D, dtype, repeats=10)
         print(json.dumps(rows["fastest tiles, shipped workspace, vs reference"]))
     finally:
