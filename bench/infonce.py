@@ -9,8 +9,8 @@ GPU (CUDA + triton): both paths measured (CUDA events, torch.cuda.max_memory_all
 median of single steps started on an idle GPU, and the mean of steps run back to back as in a
 training loop. The target, at B=8192, k=7, D=4096 bf16: fused extra memory < 10% of the
 reference's, time <= 1.1x. `--breakdown` times each step of the fused path (the similarity
-products, the two Triton kernels under other tiles, the gradient products), whole steps under
-other workspace sizes, and prints a torch.profiler table of one step.
+products, the two Triton kernels under other tiles, the gradient products) for one row chunk,
+whole steps under other workspace sizes, and prints a torch.profiler table of one step.
 CPU: the Triton path only runs interpreted, so only the reference is measured: time, and the peak
 of its live tensors (tracked op by op with a TorchDispatchMode); the fused path's memory is
 analytic (speedx.kernels.infonce.workspace_bytes), and the GPU target's memory is estimated (the
@@ -129,67 +129,70 @@ def timed_ms(fn, repeats=5):
     return start.elapsed_time(end) / repeats
 
 
-WORKSPACES_MIB = [32, 64, 128, 256]
+WORKSPACES_MIB = [64, 128, 256, 384]
 # (rows, columns, warps) per program: candidates, timed after the tiles kernels/infonce.py ships.
 LSE_TILES = [(1, 4096, 8), (1, 4096, 16), (2, 2048, 8), (1, 2048, 4), (4, 1024, 4), (1, 1024, 4), (8, 256, 4)]
 GRAD_TILES = [(32, 512, 8), (16, 1024, 8), (8, 1024, 4), (32, 256, 8), (16, 256, 4), (8, 2048, 8), (32, 128, 4)]
 
 
 def breakdown(B, k, D, dtype, device="cuda"):
-    """Where the fused path's time goes at one shape: each step of one column chunk (times the
-    number of chunks), the two Triton kernels under other tiles, then, with the fastest tiles, the
-    whole forward + backward under other workspace sizes (chunk widths) and against the reference."""
+    """Where the fused path's time goes at one shape: each step of one row chunk (times the number
+    of chunks), the two Triton kernels under other tiles, then, with the fastest tiles, the whole
+    forward + backward under other workspace sizes (chunk heights) and against the reference."""
     from speedx.kernels import infonce as K
 
     q, d, labels = make_inputs(B, k, D, dtype, device)
     N = k * B
     q_, d_ = q.detach(), d.detach()
     scale = torch.tensor([SCALE], device=device)
-    cols = K.chunk_columns(B, N)
-    chunks = N / cols
-    S = torch.empty(B, cols, dtype=torch.float32, device=device)
-    G = torch.randn(B, cols, device=device).to(dtype)
-    stats = [torch.zeros(B, device=device) for _ in range(3)]
-    lse, g = torch.zeros(B, device=device), torch.full((B,), 1.0 / B, device=device)
-    acc = torch.zeros(B, D, dtype=torch.float32, device=device)
-    dd_chunk = torch.empty(cols, D, dtype=dtype, device=device)
-    chunk_flops = 2 * B * cols * D
+    rows = K.chunk_rows(B, N)
+    chunks = B / rows
+    S = torch.empty(rows, N, dtype=torch.float32, device=device)
+    G = torch.randn(rows, N, device=device).to(dtype)
+    stats = [torch.zeros(rows, device=device) for _ in range(3)]
+    lse, g = torch.zeros(rows, device=device), torch.full((rows,), 1.0 / B, device=device)
+    dq_rows = torch.empty(rows, D, dtype=dtype, device=device)
+    dd_sum = torch.zeros(N, D, dtype=torch.float32 if K._sums_dd_in_fp32(N, D, dtype, rows < B) else dtype,
+                         device=device)
+    chunk_flops = 2 * rows * N * D
 
     def lse_update(block_m, block_n, warps):
-        return lambda: K._lse_update_kernel[(triton_cdiv(B, block_m),)](
-            S, labels, labels, labels, scale, *stats, B, 0, cols, S.stride(0),
+        return lambda: K._lse_update_kernel[(triton_cdiv(rows, block_m),)](
+            S, labels, labels, labels, scale, *stats, rows, 0, N, S.stride(0),
             HAS_IDS=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
     def softmax_grad(block_m, block_n, warps):
-        grid = (triton_cdiv(B, block_m), triton_cdiv(cols, block_n))
+        grid = (triton_cdiv(rows, block_m), triton_cdiv(N, block_n))
         ds = torch.empty(grid[0] * grid[1], device=device)
         return lambda: K._softmax_grad_kernel[grid](
-            S, labels, labels, labels, scale, lse, g, G, ds, B, 0, cols, S.stride(0), G.stride(0),
+            S, labels, labels, labels, scale, lse, g, G, ds, rows, 0, N, S.stride(0), G.stride(0),
             HAS_IDS=False, SCALE_GRAD=True, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
     lse_tiles = [K.LSE_TILE] + [t for t in LSE_TILES if t != K.LSE_TILE]
     grad_tiles = [K.GRAD_TILE] + [t for t in GRAD_TILES if t != K.GRAD_TILE]
-    steps = {"similarities q @ d_chunk^T (fp32 out)": (lambda: K._similarities(q_, d_[:cols], S), chunk_flops, 0)}
-    steps |= {f"lse update {t}": (lse_update(*t), 0, B * cols * 4) for t in lse_tiles}
-    steps |= {f"softmax grad {t}": (softmax_grad(*t), 0, B * cols * (4 + G.element_size())) for t in grad_tiles}
-    steps |= {"dd[chunk] = G^T q": (lambda: torch.mm(G.t(), q_, out=dd_chunk), chunk_flops, 0),
-              "dq += G d_chunk (fp32)": (lambda: K._add_product(acc, G, d_[:cols]), chunk_flops, 0)}
-    rows = {"chunk_columns": cols, "chunks": chunks}
+    steps = {"similarities q[rows] @ d^T (fp32 out)": (lambda: K._similarities(q_[:rows], d_, S), chunk_flops, 0)}
+    steps |= {f"lse update {t}": (lse_update(*t), 0, rows * N * 4) for t in lse_tiles}
+    steps |= {f"softmax grad {t}": (softmax_grad(*t), 0, rows * N * (4 + G.element_size())) for t in grad_tiles}
+    steps |= {"dq[rows] = G d": (lambda: torch.mm(G, d_, out=dq_rows), chunk_flops, 0),
+              f"dd += G^T q[rows] ({str(dd_sum.dtype)[6:]} sum)": (
+                  lambda: K._add_product(dd_sum, G.t(), q_[:rows]), chunk_flops, 0)}
+    report = {"chunk_rows": rows, "chunks": chunks}
     for name, (fn, flops, moved) in steps.items():
         ms = timed_ms(fn)
-        rows[name] = {"ms_all_chunks": ms * chunks,
-                      **({"TFLOP/s": flops / ms / 1e9} if flops else {"GB/s": moved / ms / 1e6})}
-        print(name, {key: round(v, 2) for key, v in rows[name].items()})
-    fastest = {kind: min(tiles, key=lambda t, kind=kind: rows[f"{kind} {t}"]["ms_all_chunks"])
+        report[name] = {"ms_all_chunks": ms * chunks,
+                        **({"TFLOP/s": flops / ms / 1e9} if flops else {"GB/s": moved / ms / 1e6})}
+        print(name, {key: round(v, 2) for key, v in report[name].items()})
+    fastest = {kind: min(tiles, key=lambda t, kind=kind: report[f"{kind} {t}"]["ms_all_chunks"])
                for kind, tiles in (("lse update", lse_tiles), ("softmax grad", grad_tiles))}
-    rows["fastest_tiles"] = {kind: list(t) for kind, t in fastest.items()}
+    report["fastest_tiles"] = {kind: list(t) for kind, t in fastest.items()}
     shipped = K.WORKSPACE_BYTES, K.LSE_TILE, K.GRAD_TILE
     try:
         K.LSE_TILE, K.GRAD_TILE = fastest["lse update"], fastest["softmax grad"]
         for mib in WORKSPACES_MIB:
             K.WORKSPACE_BYTES = mib << 20
             ms = timed_ms(lambda: step(K.infonce_triton, q, d, labels))
-            rows[f"fwd+bwd, fastest tiles, workspace {mib} MiB"] = {"ms": ms, "chunk_columns": K.chunk_columns(B, N)}
+            report[f"fwd+bwd, fastest tiles, workspace {mib} MiB"] = {
+                "ms": ms, "chunk_rows": K.chunk_rows(B, N), "analytic_extra_bytes": K.workspace_bytes(B, N, D, dtype)}
             print(f"fwd+bwd, fastest tiles, workspace {mib} MiB: {ms:.2f} ms")
         K.WORKSPACE_BYTES = shipped[0]
         if torch.cuda.is_available():  # the kernels of one whole fused step, as they run in it
@@ -200,14 +203,14 @@ def breakdown(B, k, D, dtype, device="cuda"):
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3  # one stream: no overlap
             span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1e3
-            rows["profile_one_step"] = {"table": table, "kernels_busy_ms": busy, "first_to_last_kernel_ms": span}
+            report["profile_one_step"] = {"table": table, "kernels_busy_ms": busy, "first_to_last_kernel_ms": span}
             print(table)
             print(f"kernels busy {busy:.2f} ms of the {span:.2f} ms from the first kernel's start to the last's end")
-        rows["fastest tiles, shipped workspace, vs reference"] = bench_cuda(B, k, D, dtype, repeats=10)
-        print(json.dumps(rows["fastest tiles, shipped workspace, vs reference"]))
+            report["fastest tiles, shipped workspace, vs reference"] = bench_cuda(B, k, D, dtype, repeats=10)
+            print(json.dumps(report["fastest tiles, shipped workspace, vs reference"]))
     finally:
         K.WORKSPACE_BYTES, K.LSE_TILE, K.GRAD_TILE = shipped
-    return rows
+    return report
 
 
 def triton_cdiv(a, b):

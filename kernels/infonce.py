@@ -2,23 +2,33 @@
 
 For normalized queries q [B, D], documents d [N, D], labels [B] and a scale s:
 
-    loss_i = logsumexp_j(s * q_i . d_j) - s * q_i . d_{labels_i}     (j over the unmasked columns)
+    loss = mean_i( logsumexp_j(s * q_i . d_j) - s * q_i . d_{labels_i} )     (j over the unmasked columns)
 
-The columns are walked in chunks: a chunk's similarities S = q @ d[chunk]^T [B, cols] (fp32
-accumulation and output) fill a buffer of at most WORKSPACE_BYTES whatever B x N is.
-Forward: a Triton kernel folds each chunk into every row's online log-sum-exp (running max, sum of
-exponentials, the label's logit). Only lse [B] is saved with the inputs.
-Backward: each chunk is recomputed, a Triton kernel turns it into G = s * g * (softmax - onehot)
-(and per-tile partials of d loss / d s = g * (softmax - onehot) . cos), and the two gradient
-products follow: dd[chunk] = G^T q, dq += G d[chunk] (summed in fp32 over chunks).
+The queries are walked in row chunks: a chunk's similarities S = q[rows] @ d^T [rows, N] (fp32
+accumulation and output) fill a buffer of at most WORKSPACE_BYTES whatever B x N is. With whole rows
+in hand, a Triton kernel folds S into each row's log-sum-exp (running max, sum of exponentials, the
+label's logit), and when gradients are wanted a second one turns S into
+G = s / B * (softmax - onehot) (and per-tile partials of d loss / d s), and two products follow:
+dq[rows] = G d, dd += G^T q[rows].
 
-The three products per chunk are cuBLAS calls, not tl.dot tiles: on an H200 at B=8192, N=57344,
-D=4096 in bf16, cuBLAS ran them at 705-812 TFLOP/s, where this kernel's earlier form (tl.dot tiles
-fused with the log-sum-exp, recomputed in backward) reached 135-330 under eight tile shapes and took
-2.2x the reference's time (2026-11-26; `python bench/infonce.py --breakdown` times each step now).
-The Triton kernels do what cuBLAS cannot: the streaming log-sum-exp, the masks, and the softmax
-gradient in one pass over a chunk.
-Every sum has a fixed order and there are no atomics, so the results are deterministic.
+So the gradients are computed in the forward pass and handed to autograd's backward, scaled by the
+incoming gradient (as Liger-Kernel's fused linear cross-entropy does): the similarities are
+computed once, in three products per chunk where recomputing them in backward takes four. The
+reference (one cross_entropy on the full matrix) also runs three, plus passes over B x N, so the
+recomputing form could at best tie it. Measured on an H200 at B=8192, N=57344, D=4096 bf16, that
+form (column chunks: forward lse, backward recompute, 4 cuBLAS products) took 1.10x the reference's
+time (2026-11-25; `python bench/infonce.py --breakdown` times each step).
+Under torch.no_grad(), or when nothing needs a gradient, only the log-sum-exp pass runs. Backward can
+run once per forward (retain_graph=True with a second backward raises).
+
+The products are cuBLAS calls, not tl.dot tiles: on the H200 cuBLAS ran them at 705-812 TFLOP/s,
+where tl.dot tiles fused with the log-sum-exp reached 135-330 under eight tile shapes. The Triton
+kernels do what cuBLAS cannot: the streaming log-sum-exp, the masks, and the softmax gradient in one
+pass over a chunk. Every sum has a fixed order and there are no atomics: the results are
+deterministic. dd is summed over the row chunks in fp32 when that buffer fits in WORKSPACE_BYTES, and
+otherwise in place in the inputs' dtype (bf16 at the 8192 x 57344 x 4096 target). In a CPU experiment (B=1024, N=7168,
+D=256, 16 chunks, errors against float64) dd summed in bf16 was off by 0.25% at scale 50 and 0.46% at
+scale 20, where the reference, whose logits are rounded to bf16, was off by 1.45% and 0.33%.
 
 Optional false-negative masking: with document_ids [N], a column j is dropped from row i when
 ids[j] == ids[labels_i] and j != labels_i (duplicates of the positive).
@@ -35,16 +45,14 @@ from speedx.kernels.triton_jit import check_device, import_triton, interpreter_a
 triton = import_triton()
 import triton.language as tl  # noqa: E402
 
-# The fp32 similarity chunk [B, cols]: 128 MiB, i.e. 4096 columns at B=8192 (plus the gradient
-# chunk G [B, cols] in the inputs' dtype during backward). H200, B=8192, N=57344, D=4096 bf16, two
-# runs of bench/infonce.py --breakdown: forward + backward 26.1-26.4 ms with 64 MiB, 25.4-25.5 with
-# 128, 24.9-25.1 with 256. 128 keeps the extra memory at 6.6% of the reference's; 256 would pass 10%.
-WORKSPACE_BYTES = 128 << 20
-COLUMN_ALIGN = 16  # chunk widths stay multiples of 16 so cuBLAS gets aligned leading dimensions
+# The fp32 similarities of a row chunk [rows, N] (plus the gradient chunk G [rows, N] in the inputs'
+# dtype when gradients are wanted): at B=8192, N=57344, 8 chunks of 1024 rows, 352 MB in all, 6.9% of
+# the reference's extra memory there.
+WORKSPACE_BYTES = 256 << 20
 
-# (rows, columns, warps) per program of the two Triton kernels on GPU: the fastest of the first
-# bench/infonce.py --breakdown sweep on an H200 (in a second one, within 0.1 ms of the fastest);
-# in the interpreter, small tiles so that tests on small shapes cross every tile boundary.
+# (rows, columns, warps) per program of the two Triton kernels on GPU: the fastest of a
+# bench/infonce.py --breakdown sweep on an H200 (chunks of 4096 columns then; rerun the sweep for row
+# chunks); in the interpreter, small tiles so that tests on small shapes cross every tile boundary.
 LSE_TILE = (2, 1024, 4)
 GRAD_TILE = (16, 512, 8)
 INTERPRETER_TILES = ((8, 32, 4), (16, 32, 4))
@@ -136,55 +144,65 @@ def _tiles() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     return INTERPRETER_TILES if interpreter_active() else (LSE_TILE, GRAD_TILE)
 
 
-def chunk_columns(B: int, N: int) -> int:
-    """Columns per chunk: the fp32 similarity chunk [B, cols] within WORKSPACE_BYTES."""
-    cols = max(COLUMN_ALIGN, WORKSPACE_BYTES // (4 * max(1, B)) // COLUMN_ALIGN * COLUMN_ALIGN)
-    return min(cols, N)
+def chunk_rows(B: int, N: int) -> int:
+    """Rows per chunk: the fp32 similarities [rows, N] within WORKSPACE_BYTES, in chunks of equal size."""
+    most = max(1, WORKSPACE_BYTES // (4 * N))
+    return -(-B // -(-B // most))
 
 
-def workspace_bytes(B: int, N: int, D: int, dtype: torch.dtype) -> int:
+def _sums_dd_in_fp32(N: int, D: int, dtype: torch.dtype, several_chunks: bool) -> bool:
+    return dtype != torch.float32 and several_chunks and N * D * 4 <= WORKSPACE_BYTES
+
+
+def workspace_bytes(B: int, N: int, D: int, dtype: torch.dtype, grads: bool = True) -> int:
     """Peak memory the fused path allocates on CUDA beyond its inputs and their gradients (analytic)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    cols = chunk_columns(B, N)
-    rounded_products = dtype != torch.float32 and not _MM_OUT_DTYPE  # each product first in the inputs' dtype
-    total = 5 * B * 4 + B * cols * (4 + elem)  # max/sum/pos/lse/loss, similarity + gradient chunks
-    if rounded_products:
-        total += B * cols * elem
-    if cols < N:  # several chunks: dq summed in fp32
-        total += B * D * (4 + (elem if rounded_products else 0))
+    rows = chunk_rows(B, N)
+    rounded = dtype != torch.float32 and not _MM_OUT_DTYPE  # each similarity chunk first in the inputs' dtype
+    total = 4 * B * 4 + rows * N * (4 + (elem if rounded else 0))  # max/sum/pos/lse, similarities
+    if grads:
+        total += rows * N * elem  # the gradient chunk G
+        if _sums_dd_in_fp32(N, D, dtype, rows < B):
+            total += N * D * 4
     return total
 
 
 def _chunk_view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """A contiguous [rows, cols] view at the start of a flat buffer (the last chunk is narrower)."""
+    """A contiguous [rows, cols] view at the start of a flat buffer (the last chunk is smaller)."""
     return buffer[: rows * cols].view(rows, cols)
 
 
-def _similarities(q: torch.Tensor, d_chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """q @ d_chunk^T into the fp32 buffer out, accumulated in fp32 (cuBLAS on CUDA)."""
+def _similarities(q: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """q @ d^T into the fp32 buffer out, accumulated in fp32 (cuBLAS on CUDA)."""
     if q.dtype == torch.float32:
-        return torch.mm(q, d_chunk.t(), out=out)
+        return torch.mm(q, d.t(), out=out)
     if q.is_cuda and _MM_OUT_DTYPE:
-        return torch.mm(q, d_chunk.t(), out_dtype=torch.float32, out=out)
-    return out.copy_(q @ d_chunk.t())  # CPU (the interpreter's tests) or an older torch: the product's dtype
+        return torch.mm(q, d.t(), out_dtype=torch.float32, out=out)
+    return out.copy_(q @ d.t())  # CPU (the interpreter's tests) or an older torch: the product's dtype
 
 
-def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: int = 1) -> None:
+    """acc = beta * acc + a @ b (beta 0 or 1), rounded once into acc's dtype (fp32 or the inputs' own)."""
+    if acc.dtype == a.dtype:
+        torch.addmm(acc, a, b, beta=beta, out=acc)
     elif a.is_cuda and _MM_OUT_DTYPE:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
+        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
+    elif beta:
         acc.add_(a @ b)
+    else:
+        acc.copy_(a @ b)
 
 
 class InfoNCEFunction(torch.autograd.Function):
-    """(q [B, D], d [N, D] normalized, labels [B] int64, scale [1] tensor, document_ids [N] or None) -> loss [B]."""
+    """(q [B, D], d [N, D] normalized, labels [B] int64, scale [1] tensor, document_ids [N] or None,
+    grads: compute the gradients) -> mean loss."""
 
     @staticmethod
-    def forward(ctx, q, d, labels, scale, document_ids):
+    def forward(ctx, q, d, labels, scale, document_ids, grads):
         q, d, labels = q.contiguous(), d.contiguous(), labels.contiguous()
+        need_q, need_d, _, need_s, _, _ = ctx.needs_input_grad
+        need_q, need_d, need_s = need_q and grads, need_d and grads, need_s and grads
+        grads = need_q or need_d or need_s
         B, N = q.shape[0], d.shape[0]
         scale32 = scale.detach().reshape(1).float().contiguous()
         has_ids = document_ids is not None
@@ -193,67 +211,69 @@ class InfoNCEFunction(torch.autograd.Function):
         row_max = torch.full((B,), float("-inf"), dtype=torch.float32, device=q.device)
         sumexp = torch.zeros(B, dtype=torch.float32, device=q.device)
         pos = torch.zeros(B, dtype=torch.float32, device=q.device)
-        cols = chunk_columns(B, N)
-        buffer = torch.empty(B * cols, dtype=torch.float32, device=q.device)
-        (lse_rows, lse_cols, lse_warps), _ = _tiles()
-        for col0 in range(0, N, cols):
-            n = min(cols, N - col0)
-            S = _similarities(q, d[col0:col0 + n], _chunk_view(buffer, B, n))
-            _lse_update_kernel[(triton.cdiv(B, lse_rows),)](
-                S, labels, ids, label_ids, scale32, row_max, sumexp, pos, B, col0, n, S.stride(0),
-                HAS_IDS=has_ids, BLOCK_M=lse_rows, BLOCK_N=lse_cols, num_warps=lse_warps,
+        lse = torch.empty(B, dtype=torch.float32, device=q.device)
+        rows = chunk_rows(B, N)
+        (lse_m, lse_n, lse_warps), (grad_m, grad_n, grad_warps) = _tiles()
+        sim_buffer = torch.empty(rows * N, dtype=torch.float32, device=q.device)
+        if grads:
+            grad_buffer = torch.empty(rows * N, dtype=q.dtype, device=q.device)
+            g = torch.full((B,), 1.0 / B, dtype=torch.float32, device=q.device)  # d mean / d loss_i
+            dq = torch.empty_like(q) if need_q else None
+            dd = dd_sum = torch.empty_like(d) if need_d else None
+            if need_d and _sums_dd_in_fp32(N, d.shape[1], d.dtype, rows < B):
+                dd_sum = torch.empty(d.shape, dtype=torch.float32, device=d.device)
+            # d loss / d s: one partial per tile of each chunk, summed at the end in a fixed order
+            ds = torch.zeros((triton.cdiv(B, rows), triton.cdiv(rows, grad_m) * triton.cdiv(N, grad_n)),
+                             device=q.device)
+        for chunk, r0 in enumerate(range(0, B, rows)):
+            r = slice(r0, min(r0 + rows, B))
+            n_rows = r.stop - r0
+            S = _similarities(q[r], d, _chunk_view(sim_buffer, n_rows, N))
+            _lse_update_kernel[(triton.cdiv(n_rows, lse_m),)](
+                S, labels[r], ids, label_ids[r], scale32, row_max[r], sumexp[r], pos[r], n_rows, 0, N, S.stride(0),
+                HAS_IDS=has_ids, BLOCK_M=lse_m, BLOCK_N=lse_n, num_warps=lse_warps,
             )
-        lse = row_max + sumexp.log()  # the label column is always kept, so every sum is > 0
-        ctx.save_for_backward(q, d, labels, ids, label_ids, scale32, lse)
-        ctx.has_ids = has_ids
-        ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
-        return lse - pos
+            torch.add(row_max[r], sumexp[r].log(), out=lse[r])  # the label is always kept: every sum is > 0
+            if not grads:
+                continue
+            G = _chunk_view(grad_buffer, n_rows, N)
+            _softmax_grad_kernel[(triton.cdiv(n_rows, grad_m), triton.cdiv(N, grad_n))](
+                S, labels[r], ids, label_ids[r], scale32, lse[r], g[r], G, ds[chunk], n_rows, 0, N,
+                S.stride(0), G.stride(0),
+                HAS_IDS=has_ids, SCALE_GRAD=need_s, BLOCK_M=grad_m, BLOCK_N=grad_n, num_warps=grad_warps,
+            )
+            if need_q:
+                torch.mm(G, d, out=dq[r])
+            if need_d:
+                _add_product(dd_sum, G.t(), q[r], beta=int(r0 > 0))
+        ctx.grads = None
+        if grads:
+            if dd is not dd_sum:
+                dd.copy_(dd_sum)
+            dscale = ds.sum().reshape(scale.shape).to(scale.dtype) if need_s else None
+            ctx.grads = (dq, dd, dscale)
+        return (lse - pos).mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        q, d, labels, ids, label_ids, scale32, lse = ctx.saved_tensors
-        need_q, need_d, _, need_s, _ = ctx.needs_input_grad
-        B, N = q.shape[0], d.shape[0]
-        g = grad_loss.float().contiguous()
-        cols = chunk_columns(B, N)
-        _, (block_m, block_n, warps) = _tiles()
-        grid_m = triton.cdiv(B, block_m)
-        sim_buffer = torch.empty(B * cols, dtype=torch.float32, device=q.device)
-        grad_buffer = torch.empty(B * cols, dtype=q.dtype, device=q.device)
-        dd = torch.empty_like(d) if need_d else None
-        dq = dq_acc = None
-        if need_q and cols < N:  # several chunks: sum their products in fp32
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        # d loss / d s: one partial per tile of each chunk, summed at the end in a fixed order
-        ds = torch.zeros((triton.cdiv(N, cols), grid_m * triton.cdiv(cols, block_n)), device=q.device)
-        for chunk, col0 in enumerate(range(0, N, cols)):
-            n = min(cols, N - col0)
-            grid_n = triton.cdiv(n, block_n)
-            d_chunk = d[col0:col0 + n]
-            S = _similarities(q, d_chunk, _chunk_view(sim_buffer, B, n))
-            G = _chunk_view(grad_buffer, B, n)
-            _softmax_grad_kernel[(grid_m, grid_n)](
-                S, labels, ids, label_ids, scale32, lse, g, G, ds[chunk], B, col0, n, S.stride(0), G.stride(0),
-                HAS_IDS=ctx.has_ids, SCALE_GRAD=need_s, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the fused InfoNCE (backend='triton') computes its gradients in the forward pass and hands them "
+                "to one backward: run the loss again for a second backward, or use backend='torch'"
             )
-            if need_d:
-                torch.mm(G.t(), q, out=dd[col0:col0 + n])
-            if need_q and dq_acc is None:
-                dq = G @ d_chunk
-            elif need_q:
-                _add_product(dq_acc, G, d_chunk)
-        if dq_acc is not None:
-            dq = dq_acc.to(q.dtype)
-        dscale = ds.sum().reshape(ctx.scale_shape).to(ctx.scale_dtype) if need_s else None
-        return dq, dd, None, dscale, None
+        dq, dd, dscale = ctx.grads
+        ctx.grads = None
+        # in place: these tensors become the .grad of the inputs; grad_loss is 1 after loss.backward()
+        return (dq.mul_(grad_loss) if dq is not None else None, dd.mul_(grad_loss) if dd is not None else None,
+                None, dscale * grad_loss if dscale is not None else None, None, None)
 
 
 def infonce_triton(q, d, labels, scale, document_ids=None):
     """Mean InfoNCE over rows; same contract as speedx.embed.losses.infonce_torch (inputs already checked)."""
     check_device(q)
     if not torch.is_tensor(scale):
-        scale = torch.tensor(float(scale), device=q.device)
+        scale = torch.full((), float(scale), device=q.device)  # a fill kernel: no host-to-device copy and sync
     if q.is_cuda and torch.is_autocast_enabled("cuda"):  # the precision the twin's matmul gets under autocast
         dtype = torch.get_autocast_dtype("cuda")
         q, d = q.to(dtype), d.to(dtype)
-    return InfoNCEFunction.apply(q, d, labels, scale, document_ids).mean()
+    return InfoNCEFunction.apply(q, d, labels, scale, document_ids, torch.is_grad_enabled())

@@ -107,23 +107,24 @@ def test_kernel_matches_twin(fused, D, layout, k, masked):
                 loss_and_grads("torch", q, d, labels, ids, device=DEVICE))
 
 
-def test_kernel_backward_in_column_chunks(fused, monkeypatch):
-    """A workspace smaller than B x N: the backward walks the columns in chunks (and D = 50 is no tile multiple)."""
-    q, d, labels, ids = make_batch(47, 3, 50, "grouped", True)
-    monkeypatch.setattr(fused, "WORKSPACE_BYTES", 47 * 48 * 4)
-    # 188 columns -> chunks of 48 (the last narrower), no multiple of the tiles: a tile reaches past
-    # its chunk into the next one's columns, labels included
-    assert fused.chunk_columns(47, d.shape[0]) == 48
+def test_kernel_in_row_chunks(fused, monkeypatch):
+    """A workspace smaller than B x N: the rows are walked in chunks (13, 12, 12, 12 of 49, none a tile
+    multiple), dd is summed over them in fp32, and D = 50 is no tile multiple."""
+    q, d, labels, ids = make_batch(49, 3, 50, "grouped", True)
+    monkeypatch.setattr(fused, "WORKSPACE_BYTES", 13 * d.shape[0] * 4)
+    assert fused.chunk_rows(49, d.shape[0]) == 13
     assert_same(loss_and_grads("triton", q, d, labels, ids, scale=30.0, device=DEVICE),
                 loss_and_grads("torch", q, d, labels, ids, scale=30.0, device=DEVICE))
 
 
-def test_kernel_bf16_in_column_chunks(fused, monkeypatch):
-    """bf16 over several chunks (dq summed in fp32 across them; on CUDA the products have fp32
-    output): as close to the twin run in fp32 on the same bf16 values as the twin in bf16 is."""
+@pytest.mark.parametrize("dd_in_fp32", [True, False])
+def test_kernel_bf16_in_row_chunks(fused, monkeypatch, dd_in_fp32):
+    """bf16 over several row chunks, dd summed in fp32 or (when that buffer does not fit the workspace)
+    in bf16: as close to the twin run in fp32 on the same bf16 values as the twin in bf16 is."""
     q, d, labels, ids = make_batch(300, 3, 128, "grouped", True)
     q, d = q.bfloat16(), d.bfloat16()
-    monkeypatch.setattr(fused, "WORKSPACE_BYTES", 300 * 256 * 4)  # 1200 columns -> 5 chunks
+    monkeypatch.setattr(fused, "WORKSPACE_BYTES", 60 * d.shape[0] * 4)  # 5 chunks of 60 rows
+    monkeypatch.setattr(fused, "_sums_dd_in_fp32", lambda *args: dd_in_fp32)
     exact = loss_and_grads("torch", q.float(), d.float(), labels, ids, device=DEVICE)
 
     def relative_errors(backend):
@@ -132,6 +133,22 @@ def test_kernel_bf16_in_column_chunks(fused, monkeypatch):
 
     fused_errors, twin_errors = relative_errors("triton"), relative_errors("torch")
     assert all(f <= max(2 * t, 1e-2) for f, t in zip(fused_errors, twin_errors)), (fused_errors, twin_errors)
+
+
+def test_gradients_only_when_wanted(fused):
+    """Under no_grad only the log-sum-exp pass runs (same loss); a second backward through one forward
+    raises instead of handing out the gradients again."""
+    q, d, labels, ids = make_batch(47, 2, 64, "blocks", True)
+    with torch.no_grad():
+        no_grad = infonce_loss(q.to(DEVICE), d.to(DEVICE), labels.to(DEVICE), backend="triton",
+                               document_ids=ids.to(DEVICE))
+    torch.testing.assert_close(no_grad, loss_and_grads("torch", q, d, labels, ids, device=DEVICE)[0])
+    q = q.to(DEVICE).requires_grad_()
+    loss = infonce_loss(q, d.to(DEVICE), labels.to(DEVICE), backend="triton")
+    (2 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(q.grad, 2 * loss_and_grads("torch", q, d, labels, None, device=DEVICE)[1])
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
 
 
 COMPILE_FOR_GPUS = """

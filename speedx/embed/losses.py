@@ -50,7 +50,8 @@ def infonce_loss(
         labels = labels + dist.get_rank() * d.shape[0]
         d = _GatherRows.apply(d)
         document_ids = _gather_rows(document_ids) if document_ids is not None else None
-    scale = scale.to(q.device).float() if torch.is_tensor(scale) else torch.tensor(float(scale), device=q.device)
+    # torch.full: a fill kernel, where torch.tensor(x, device=cuda) copies from the host and syncs
+    scale = scale.to(q.device).float() if torch.is_tensor(scale) else torch.full((), float(scale), device=q.device)
     if _resolve_backend(backend, q) == "triton":
         from speedx.kernels.infonce import infonce_triton
 
