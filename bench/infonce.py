@@ -99,7 +99,7 @@ def bench_cuda(B, k, D, dtype, repeats):
     q, d, labels = make_inputs(B, k, D, dtype, "cuda")
     row = {"batch": B, "docs_per_query": k, "num_docs": k * B, "dim": D, "dtype": str(dtype).split(".")[1]}
     fused, fused_loss = measure_cuda(infonce_triton, q, d, labels, repeats)
-    row["fused"] = {**fused, "analytic_extra_bytes": workspace_bytes(B, k * B, D, dtype)}
+    row["fused"] = {**fused, "analytic_extra_bytes": workspace_bytes(B, k * B, dtype)}
     try:
         row["reference"], ref_loss = measure_cuda(infonce_torch, q, d, labels, repeats)
     except torch.cuda.OutOfMemoryError:
@@ -152,8 +152,7 @@ def breakdown(B, k, D, dtype, device="cuda"):
     stats = [torch.zeros(rows, device=device) for _ in range(3)]
     lse, g = torch.zeros(rows, device=device), torch.full((rows,), 1.0 / B, device=device)
     dq_rows = torch.empty(rows, D, dtype=dtype, device=device)
-    dd_sum = torch.zeros(N, D, dtype=torch.float32 if K._sums_dd_in_fp32(N, D, dtype, rows < B) else dtype,
-                         device=device)
+    dd = torch.zeros(N, D, dtype=dtype, device=device)
     chunk_flops = 2 * rows * N * D
 
     def lse_update(block_m, block_n, warps):
@@ -174,8 +173,7 @@ def breakdown(B, k, D, dtype, device="cuda"):
     steps |= {f"lse update {t}": (lse_update(*t), 0, rows * N * 4) for t in lse_tiles}
     steps |= {f"softmax grad {t}": (softmax_grad(*t), 0, rows * N * (4 + G.element_size())) for t in grad_tiles}
     steps |= {"dq[rows] = G d": (lambda: torch.mm(G, d_, out=dq_rows), chunk_flops, 0),
-              f"dd += G^T q[rows] ({str(dd_sum.dtype)[6:]} sum)": (
-                  lambda: K._add_product(dd_sum, G.t(), q_[:rows]), chunk_flops, 0)}
+              "dd += G^T q[rows]": (lambda: K._add_product(dd, G.t(), q_[:rows]), chunk_flops, 0)}
     report = {"chunk_rows": rows, "chunks": chunks}
     for name, (fn, flops, moved) in steps.items():
         ms = timed_ms(fn)
@@ -192,7 +190,7 @@ def breakdown(B, k, D, dtype, device="cuda"):
             K.WORKSPACE_BYTES = mib << 20
             ms = timed_ms(lambda: step(K.infonce_triton, q, d, labels))
             report[f"fwd+bwd, fastest tiles, workspace {mib} MiB"] = {
-                "ms": ms, "chunk_rows": K.chunk_rows(B, N), "analytic_extra_bytes": K.workspace_bytes(B, N, D, dtype)}
+                "ms": ms, "chunk_rows": K.chunk_rows(B, N), "analytic_extra_bytes": K.workspace_bytes(B, N, dtype)}
             print(f"fwd+bwd, fastest tiles, workspace {mib} MiB: {ms:.2f} ms")
         K.WORKSPACE_BYTES = shipped[0]
         if torch.cuda.is_available():  # the kernels of one whole fused step, as they run in it
@@ -269,7 +267,7 @@ def bench_cpu(B, k, D, dtype, repeats):
     except ImportError:
         row["fused"] = "triton is not installed"
         return row
-    analytic = workspace_bytes(B, k * B, D, dtype)
+    analytic = workspace_bytes(B, k * B, dtype)
     row["fused"] = {"extra_bytes_analytic": analytic, "time": "not measured: Triton only runs interpreted on CPU"}
     row["memory_ratio_analytic_vs_measured"] = analytic / extra
     return row
@@ -318,7 +316,7 @@ def main():
         from speedx.kernels.infonce import workspace_bytes
 
         ref = reference_extra_meta(8192, 7, 4096, torch.bfloat16)
-        fused = workspace_bytes(8192, 7 * 8192, 4096, torch.bfloat16)
+        fused = workspace_bytes(8192, 7 * 8192, torch.bfloat16)
         report["target_b8192_k7_d4096_bf16_memory_estimate"] = {
             "reference_extra_bytes_meta_trace": ref, "fused_extra_bytes_analytic": fused, "memory_ratio": fused / ref,
             "time": "not estimated: needs a GPU run"}

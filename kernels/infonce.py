@@ -25,10 +25,11 @@ The products are cuBLAS calls, not tl.dot tiles: on the H200 cuBLAS ran them at 
 where tl.dot tiles fused with the log-sum-exp reached 135-330 under eight tile shapes. The Triton
 kernels do what cuBLAS cannot: the streaming log-sum-exp, the masks, and the softmax gradient in one
 pass over a chunk. Every sum has a fixed order and there are no atomics: the results are
-deterministic. dd is summed over the row chunks in fp32 when that buffer fits in WORKSPACE_BYTES, and
-otherwise in place in the inputs' dtype (bf16 at the 8192 x 57344 x 4096 target). In a CPU experiment (B=1024, N=7168,
-D=256, 16 chunks, errors against float64) dd summed in bf16 was off by 0.25% at scale 50 and 0.46% at
-scale 20, where the reference, whose logits are rounded to bf16, was off by 1.45% and 0.33%.
+deterministic. dd is summed over the row chunks in place, in the inputs' dtype (as autograd sums the
+gradients of a tensor used twice; an fp32 sum would cost N x D x 4 bytes, 0.9 GB at the target). In a
+CPU experiment (B=1024, N=7168, D=256, bf16, 16 chunks, errors against float64) that dd was off by
+0.25% at scale 50 and 0.46% at scale 20, where the reference, whose logits are rounded to bf16, was
+off by 1.45% and 0.33%.
 
 Optional false-negative masking: with document_ids [N], a column j is dropped from row i when
 ids[j] == ids[labels_i] and j != labels_i (duplicates of the positive).
@@ -150,20 +151,14 @@ def chunk_rows(B: int, N: int) -> int:
     return -(-B // -(-B // most))
 
 
-def _sums_dd_in_fp32(N: int, D: int, dtype: torch.dtype, several_chunks: bool) -> bool:
-    return dtype != torch.float32 and several_chunks and N * D * 4 <= WORKSPACE_BYTES
-
-
-def workspace_bytes(B: int, N: int, D: int, dtype: torch.dtype, grads: bool = True) -> int:
+def workspace_bytes(B: int, N: int, dtype: torch.dtype, grads: bool = True) -> int:
     """Peak memory the fused path allocates on CUDA beyond its inputs and their gradients (analytic)."""
     elem = torch.empty((), dtype=dtype).element_size()
     rows = chunk_rows(B, N)
     rounded = dtype != torch.float32 and not _MM_OUT_DTYPE  # each similarity chunk first in the inputs' dtype
     total = 4 * B * 4 + rows * N * (4 + (elem if rounded else 0))  # max/sum/pos/lse, similarities
     if grads:
-        total += rows * N * elem  # the gradient chunk G
-        if _sums_dd_in_fp32(N, D, dtype, rows < B):
-            total += N * D * 4
+        total += B * 4 + rows * N * elem  # d mean / d loss_i, the gradient chunk G
     return total
 
 
@@ -219,9 +214,7 @@ class InfoNCEFunction(torch.autograd.Function):
             grad_buffer = torch.empty(rows * N, dtype=q.dtype, device=q.device)
             g = torch.full((B,), 1.0 / B, dtype=torch.float32, device=q.device)  # d mean / d loss_i
             dq = torch.empty_like(q) if need_q else None
-            dd = dd_sum = torch.empty_like(d) if need_d else None
-            if need_d and _sums_dd_in_fp32(N, d.shape[1], d.dtype, rows < B):
-                dd_sum = torch.empty(d.shape, dtype=torch.float32, device=d.device)
+            dd = torch.empty_like(d) if need_d else None
             # d loss / d s: one partial per tile of each chunk, summed at the end in a fixed order
             ds = torch.zeros((triton.cdiv(B, rows), triton.cdiv(rows, grad_m) * triton.cdiv(N, grad_n)),
                              device=q.device)
@@ -245,11 +238,9 @@ class InfoNCEFunction(torch.autograd.Function):
             if need_q:
                 torch.mm(G, d, out=dq[r])
             if need_d:
-                _add_product(dd_sum, G.t(), q[r], beta=int(r0 > 0))
+                _add_product(dd, G.t(), q[r], beta=int(r0 > 0))  # summed in d's dtype, as autograd sums grads
         ctx.grads = None
         if grads:
-            if dd is not dd_sum:
-                dd.copy_(dd_sum)
             dscale = ds.sum().reshape(scale.shape).to(scale.dtype) if need_s else None
             ctx.grads = (dq, dd, dscale)
         return (lse - pos).mean()

@@ -109,7 +109,7 @@ def test_kernel_matches_twin(fused, D, layout, k, masked):
 
 def test_kernel_in_row_chunks(fused, monkeypatch):
     """A workspace smaller than B x N: the rows are walked in chunks (13, 12, 12, 12 of 49, none a tile
-    multiple), dd is summed over them in fp32, and D = 50 is no tile multiple."""
+    multiple), and D = 50 is no tile multiple."""
     q, d, labels, ids = make_batch(49, 3, 50, "grouped", True)
     monkeypatch.setattr(fused, "WORKSPACE_BYTES", 13 * d.shape[0] * 4)
     assert fused.chunk_rows(49, d.shape[0]) == 13
@@ -117,14 +117,12 @@ def test_kernel_in_row_chunks(fused, monkeypatch):
                 loss_and_grads("torch", q, d, labels, ids, scale=30.0, device=DEVICE))
 
 
-@pytest.mark.parametrize("dd_in_fp32", [True, False])
-def test_kernel_bf16_in_row_chunks(fused, monkeypatch, dd_in_fp32):
-    """bf16 over several row chunks, dd summed in fp32 or (when that buffer does not fit the workspace)
-    in bf16: as close to the twin run in fp32 on the same bf16 values as the twin in bf16 is."""
+def test_kernel_bf16_in_row_chunks(fused, monkeypatch):
+    """bf16 over several row chunks (dd summed over them in bf16): as close to the twin run in fp32 on
+    the same bf16 values as the twin in bf16 is."""
     q, d, labels, ids = make_batch(300, 3, 128, "grouped", True)
     q, d = q.bfloat16(), d.bfloat16()
     monkeypatch.setattr(fused, "WORKSPACE_BYTES", 60 * d.shape[0] * 4)  # 5 chunks of 60 rows
-    monkeypatch.setattr(fused, "_sums_dd_in_fp32", lambda *args: dd_in_fp32)
     exact = loss_and_grads("torch", q.float(), d.float(), labels, ids, device=DEVICE)
 
     def relative_errors(backend):
