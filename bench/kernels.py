@@ -55,6 +55,11 @@ def paged_case(seqs, device="cuda", kv_dtype=DTYPE):
     return q, k_cache, v_cache, table, cu, kv_lens
 
 
+def leading_decodes(seqs) -> int:
+    """How many sequences at the front have one query row (what the model runner passes as num_decodes)."""
+    return next((i for i, (q_len, _) in enumerate(seqs) if q_len != 1), len(seqs))
+
+
 def flash_attn_decode(seqs):
     """flash_attn_with_kvcache on its own paged layout (page size 256, its minimum), same bytes."""
     try:
@@ -95,11 +100,17 @@ def attention_rows(peak: float) -> list[dict]:
         io_bytes = kv_bytes + 2 * q.numel() * q.element_size()
         flops = sum(4 * q_len * (kv - q_len / 2) * HEADS * HEAD_DIM for q_len, kv in seqs)  # causal QK^T + PV
         row = {"workload": name}
-        for label, fn in [
-            ("triton", lambda: paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, scale)),
-            ("triton_no_split", lambda: paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, scale, num_splits=1)),
+        decodes = leading_decodes(seqs)
+        variants = [
+            ("triton", lambda: paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, scale, num_decodes=decodes)),
+            ("triton_no_split", lambda: paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, scale,
+                                                               num_splits=1, num_decodes=decodes)),
             ("torch_twin", lambda: paged_attention_torch(q, k_cache, v_cache, table, cu, kv_lens, scale)),
-        ]:
+        ]
+        if 0 < decodes < len(seqs):  # the decodes on the prompt chunks' tile, as before 2026-11-26
+            variants.append(("triton_one_launch", lambda: paged_attention_triton(q, k_cache, v_cache, table, cu,
+                                                                                 kv_lens, scale)))
+        for label, fn in variants:
             ms = bench(fn)
             row[label] = {"ms": ms, "GB/s": io_bytes / ms / 1e6, "TFLOP/s": flops / ms / 1e9, "of_copy_bw": io_bytes / (ms * 1e-3) / peak}
         if all(q_len == 1 for q_len, _ in seqs):
@@ -122,8 +133,9 @@ def prefill_tile_rows() -> list[dict]:
 
     H100, 2026-11-26: 128 x 64 tiles with 3 stages ran fresh 8 x 1024 prompts at 202 TFLOP/s against
     the shipped 119, yet made the 8B 1024/1024 grid's mixed steps 13% slower end to end: there most
-    rows are decodes, which ride the prefill tiles and waste 127 of 128 rows. Taking that gain needs
-    decode rows launched apart from prompt chunks."""
+    rows were decodes, which rode the prefill tiles and wasted 127 of 128 rows. Mixed batches now
+    launch their decodes apart (on the decode tile, which this sweep leaves alone), so the prompt
+    chunks' tile can be chosen for them alone."""
     from speedx.kernels import triton_attention as A
 
     shipped = A.attention_config
@@ -138,11 +150,14 @@ def prefill_tile_rows() -> list[dict]:
             for block_m, block_n, warps, stages in PREFILL_TILES:
                 def config(dtype, head_dim, group, all_decode, kv_dtype=None, _m=block_m, _n=block_n, _w=warps, _s=stages):
                     c = shipped(dtype, head_dim, group, all_decode, kv_dtype)
+                    if all_decode:
+                        return c
                     return c | dict(BLOCK_Q=_m // c["GROUP_PAD"], BLOCK_N=_n, num_warps=_w, num_stages=_s)
                 A.attention_config = config
                 label = f"m{block_m}_n{block_n}_w{warps}_s{stages}"
                 try:
-                    ms = bench(lambda: A.paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, HEAD_DIM**-0.5))
+                    ms = bench(lambda: A.paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, HEAD_DIM**-0.5,
+                                                                num_decodes=leading_decodes(seqs)))
                 except Exception as exc:  # e.g. out of shared memory: that shape is simply not a candidate
                     print(f"{label}: {type(exc).__name__}: {exc}"[:300])
                     continue

@@ -49,12 +49,15 @@ def use_triton(device: torch.device, mode: str | None = None) -> bool:
     return device.type == "cuda" and triton_available()
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, *, mode: str | None = None):
-    """paged_attention_torch's contract, on the chosen backend."""
+def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, *, mode: str | None = None,
+                    num_decodes: int = 0):
+    """paged_attention_torch's contract, on the chosen backend. num_decodes: leading one-row sequences
+    (a hint: the Triton kernel launches them apart from the prompt chunks)."""
     if use_triton(q.device, mode):
         from speedx.kernels.triton_attention import paged_attention_triton
 
-        return paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale,
+                                      num_decodes=num_decodes)
     cpp = q.device.type == "cpu" and k_cache.dtype == q.dtype  # the C++ decode kernel reads 16-bit caches only
     attend = paged_attention_cpu if cpp else paged_attention_torch
     return attend(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)

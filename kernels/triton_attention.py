@@ -8,6 +8,11 @@ Grid: (query block, kv head[, split]). A query block is BLOCK_Q tokens of one se
 query heads of one KV-head group (GQA packing: each K/V tile is loaded once for the whole group).
 Sequence i's query blocks start at cu_seqlens_q[i] // BLOCK_Q + i, so the grid size needs only host
 numbers (tokens, sequences) and the kernel finds its sequence by binary search: no host sync.
+
+A mixed batch (decodes first, then prompt chunks) is two launches when the caller says how many
+leading sequences are decodes: those on the decode tile (one row per sequence), the prompt chunks on
+the prefill tile. On one prefill tile the decodes would each fill a whole query block (1 of its
+BLOCK_Q tokens) and turn a memory-bound read of their KV into tensor-core work.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ import triton.language as tl  # noqa: E402
 LOG2E = 1.4426950408889634
 
 
-@jit(do_not_specialize=["num_seqs", "num_splits", "stride_bt"])
+@jit(do_not_specialize=["num_seqs", "num_splits", "first_q_block", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, kv_lens_ptr,
     part_out_ptr, part_lse_ptr,
-    scale_log2, num_seqs, num_heads, num_splits,
+    scale_log2, num_seqs, num_heads, num_splits, first_q_block,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -36,7 +41,9 @@ def _paged_attention_kernel(
     ALL_DECODE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP16_DOTS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
-    pid = tl.program_id(0)
+    # first_q_block: cu_seqlens_q[0] // BLOCK_Q when the sequences are the tail of a batch (their
+    # cu_seqlens_q then start past 0: query rows stay absolute, block numbers are shifted)
+    pid = tl.program_id(0) + first_q_block
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     if ALL_DECODE:
@@ -201,12 +208,13 @@ def paged_attention_triton(
     kv_lens: torch.Tensor,
     scale: float,
     num_splits: int = 0,
+    num_decodes: int = 0,
 ) -> torch.Tensor:
-    """paged_attention_torch's contract. num_splits: split-KV for pure-decode batches; 0 = choose
-    from the device and the block table's width, 1 = off (prefill batches never split)."""
+    """paged_attention_torch's contract. num_splits: split-KV for the decode rows; 0 = choose from the
+    device and the block table's width, 1 = off (prompt chunks never split). num_decodes: how many
+    leading sequences have one query row (a host number; 0 = unknown): they get the decode tile."""
     check_device(q)
     num_tokens, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = kv_lens.shape[0]
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_tokens == 0:
@@ -214,33 +222,58 @@ def paged_attention_triton(
     if q.stride(-1) != 1:
         q = q.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
-    group = num_heads // num_kv_heads
-    head_dim_pad = triton.next_power_of_2(head_dim)
-    all_decode = num_tokens == num_seqs  # one query row per sequence (each has at least one)
-    config = attention_config(q.dtype, head_dim, group, all_decode, k_cache.dtype)
-    if not all_decode:
-        num_splits = 1
-    elif num_splits == 0:
-        num_splits = choose_num_splits(q.device, num_seqs * num_kv_heads, block_tables.shape[1] * block_size)
+    if num_tokens == num_seqs:  # one query row per sequence (each has at least one)
+        num_decodes = num_seqs
+    args = q, k_cache, v_cache, scale, out
+    if num_decodes:
+        _decode_launch(*args, block_tables[:num_decodes], cu_seqlens_q[: num_decodes + 1], kv_lens[:num_decodes],
+                       num_splits)
+    if num_decodes < num_seqs:
+        _prefill_launch(*args, block_tables[num_decodes:], cu_seqlens_q[num_decodes:], kv_lens[num_decodes:],
+                        first_row=num_decodes)
+    return out
+
+
+def _decode_launch(q, k_cache, v_cache, scale, out, block_tables, cu_seqlens_q, kv_lens, num_splits):
+    """Sequences of one query row each, rows 0 .. num_seqs - 1 of q."""
+    num_seqs, num_kv_heads = kv_lens.shape[0], k_cache.shape[2]
+    config = attention_config(q.dtype, q.shape[2], q.shape[1] // num_kv_heads, True, k_cache.dtype)
+    if num_splits == 0:
+        num_splits = choose_num_splits(q.device, num_seqs * num_kv_heads, block_tables.shape[1] * k_cache.shape[1])
     num_splits = max(1, num_splits)
-    split = num_splits > 1
-    if split:
-        part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim_pad), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out  # unused
-    num_q_blocks = num_seqs if all_decode else num_tokens // config["BLOCK_Q"] + num_seqs
-    _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_splits)](
+    if num_splits == 1:
+        _launch(q, k_cache, v_cache, scale, out, block_tables, cu_seqlens_q, kv_lens, config, num_seqs)
+        return
+    head_dim_pad = triton.next_power_of_2(q.shape[2])
+    part_out = torch.empty((num_seqs, q.shape[1], num_splits, head_dim_pad), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((num_seqs, q.shape[1], num_splits), dtype=torch.float32, device=q.device)
+    _launch(q, k_cache, v_cache, scale, out, block_tables, cu_seqlens_q, kv_lens, config, num_seqs,
+            num_splits=num_splits, parts=(part_out, part_lse))
+    _merge_splits_kernel[(num_seqs, q.shape[1])](
+        out, part_out, part_lse, q.shape[1], num_splits, out.stride(0), out.stride(1),
+        HEAD_DIM=q.shape[2], HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
+    )
+
+
+def _prefill_launch(q, k_cache, v_cache, scale, out, block_tables, cu_seqlens_q, kv_lens, first_row):
+    """Sequences whose query rows start at row first_row of q (cu_seqlens_q[0] == first_row)."""
+    num_seqs, num_kv_heads = kv_lens.shape[0], k_cache.shape[2]
+    config = attention_config(q.dtype, q.shape[2], q.shape[1] // num_kv_heads, False, k_cache.dtype)
+    first_q_block = first_row // config["BLOCK_Q"]
+    num_q_blocks = q.shape[0] // config["BLOCK_Q"] + num_seqs - first_q_block
+    _launch(q, k_cache, v_cache, scale, out, block_tables, cu_seqlens_q, kv_lens, config, num_q_blocks,
+            first_q_block=first_q_block)
+
+
+def _launch(q, k_cache, v_cache, scale, out, block_tables, cu_seqlens_q, kv_lens, config, num_q_blocks,
+            num_splits=1, first_q_block=0, parts=None):
+    part_out, part_lse = parts or (out, out)  # unused without splits
+    _paged_attention_kernel[(num_q_blocks, k_cache.shape[2], num_splits)](
         out, q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, part_out, part_lse,
-        scale * LOG2E, num_seqs, num_heads, num_splits,
+        scale * LOG2E, kv_lens.shape[0], q.shape[1], num_splits, first_q_block,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, SPLIT=split, **config,
+        HEAD_DIM=q.shape[2], HEAD_DIM_PAD=triton.next_power_of_2(q.shape[2]), BLOCK_SIZE=k_cache.shape[1],
+        SPLIT=num_splits > 1, **config,
     )
-    if split:
-        _merge_splits_kernel[(num_seqs, num_heads)](
-            out, part_out, part_lse, num_heads, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
-        )
-    return out

@@ -19,6 +19,9 @@ from speedx.kernels.triton_kv_store import store_kvcache_triton  # noqa: E402
 
 
 MIXED = [(1, 1328), (5, 18), (129, 463)]  # (q_len, kv_len): a decode, a chunk, a long prefill chunk
+# 37 decodes first (more than a prefill query block of the interpreter's tiles: the prompt chunks'
+# launch starts past block 0), then chunks and a one-row sequence that rides their launch
+DECODES_FIRST = [(1, 1 + (97 * i) % 700) for i in range(37)] + [(5, 18), (129, 463), (1, 40)]
 DECODE = [(1, 1328), (1, 7), (1, 300), (1, 64), (1, 1)]
 HEADS = [(4, 4), (8, 2), (5, 1)]
 
@@ -47,10 +50,11 @@ def make_case(seqs, num_heads, num_kv_heads, head_dim, block_size=16, dtype=torc
     return to(q), to(k_cache), to(v_cache), to(table), to(cu), to(kv_lens)
 
 
-def check_attention(seqs, num_heads, num_kv_heads, head_dim, atol, num_splits=1, **kw):
+def check_attention(seqs, num_heads, num_kv_heads, head_dim, atol, num_splits=1, num_decodes=0, **kw):
     q, k_cache, v_cache, table, cu, kv_lens = make_case(seqs, num_heads, num_kv_heads, head_dim, **kw)
     scale = head_dim**-0.5
-    out = paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, scale, num_splits=num_splits)
+    out = paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, scale, num_splits=num_splits,
+                                 num_decodes=num_decodes)
     # fp32 reference from the same (possibly bf16) inputs
     ref = paged_attention_torch(q.float(), k_cache.float(), v_cache.float(), table, cu, kv_lens, scale)
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -85,6 +89,13 @@ def test_split_kv_matches_twin(heads, num_splits):
     check_attention(DECODE, *heads, head_dim=64, atol=2e-5, num_splits=num_splits)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+def test_mixed_batch_in_two_launches(heads, num_splits):
+    check_attention(DECODES_FIRST, *heads, head_dim=64, atol=2e-5, num_splits=num_splits, num_decodes=37)
+
+
 def check_store(num_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
     pool, block_size, tokens = 40, 16, 50
     k_cache = torch.randn(pool, block_size, num_kv_heads, head_dim).to(dtype).to(device)
@@ -115,6 +126,16 @@ def test_store_kvcache_matches_twin(num_kv_heads, head_dim):
 def test_attention_gpu(dtype, seqs, heads, head_dim, num_splits):
     atol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     check_attention(seqs, *heads, head_dim, atol, num_splits=num_splits, dtype=dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_mixed_batch_in_two_launches_gpu(dtype, heads, head_dim):
+    atol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    check_attention(DECODES_FIRST, *heads, head_dim, atol, num_splits=0, num_decodes=37, dtype=dtype, device="cuda")
 
 
 @pytest.mark.gpu

@@ -29,8 +29,25 @@ def test_greedy_engine_triton_equals_torch(monkeypatch, tiny_llama):
     # max_num_batched_tokens=7: chunked prefill, so steps mix decodes, chunks and whole prompts
     expected = generate(monkeypatch, "torch", path, prompts, params, max_num_batched_tokens=7)
     calls = spy_on_triton(monkeypatch)
+    mixed = spy_on_mixed_attention(monkeypatch)
     assert generate(monkeypatch, "triton", path, prompts, params, max_num_batched_tokens=7) == expected
     assert all(calls.values()), calls  # the Triton kernels really ran
+    assert mixed, "no step launched its decodes apart from its prompt chunks"
+
+
+def spy_on_mixed_attention(monkeypatch) -> list[int]:
+    """The first query row of each prompt-chunk launch that follows a step's decodes."""
+    from speedx.kernels import triton_attention
+
+    rows = []
+
+    def prefill_launch(*args, first_row, _fn=triton_attention._prefill_launch):
+        if first_row:
+            rows.append(first_row)
+        return _fn(*args, first_row=first_row)
+
+    monkeypatch.setattr(triton_attention, "_prefill_launch", prefill_launch)
+    return rows
 
 
 def spy_on_triton(monkeypatch) -> dict[str, int]:

@@ -82,7 +82,10 @@ class ModelRunner:
         ids, pos, slots, cu, lens, tables = self.input_staging.to_device(
             input_ids, positions, slot_mapping, cu_seqlens, ends.astype(np.int32), block_tables
         )
-        meta = AttentionMetadata(slot_mapping=slots, cu_seqlens_q=cu, kv_lens=lens, block_tables=tables)
+        one_row = np.asarray(counts) == 1
+        num_decodes = len(seqs) if one_row.all() else int(one_row.argmin())  # the scheduler puts decodes first
+        meta = AttentionMetadata(slot_mapping=slots, cu_seqlens_q=cu, kv_lens=lens, block_tables=tables,
+                                 num_decodes=num_decodes)
         return ids, pos, meta, cu_seqlens
 
     @torch.inference_mode()

@@ -19,6 +19,8 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [seqs + 1] int32 query row offsets; decodes (1 row) come first
     kv_lens: torch.Tensor  # [seqs] int32 tokens in the cache after this step's store
     block_tables: torch.Tensor  # [seqs, max_blocks] int32, -1 padded
+    num_decodes: int = 0  # leading sequences with one query row (host number): the Triton attention
+    # launches them on its decode tile, apart from the prompt chunks (0: unknown, one launch)
 
 
 class PagedAttention(nn.Module):
@@ -45,9 +47,8 @@ class PagedAttention(nn.Module):
         else:
             q = rope_and_store(qkv, positions, self.rotary.cos_table, self.rotary.sin_table, self.k_cache, self.v_cache,
                                meta.slot_mapping, self.num_heads, self.num_kv_heads, mode=self.kernel_mode)
-        out = paged_attention(
-            q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens, self.scale, mode=self.kernel_mode
-        )
+        out = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.kv_lens,
+                              self.scale, mode=self.kernel_mode, num_decodes=meta.num_decodes)
         return self.o_proj(out.flatten(1))
 
     def _rope_and_store_cpu(self, qkv: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
