@@ -149,28 +149,27 @@ def breakdown(B, k, D, dtype, device="cuda"):
     chunks = B / rows
     S = torch.empty(rows, N, dtype=torch.float32, device=device)
     G = torch.randn(rows, N, device=device).to(dtype)
-    stats = [torch.zeros(rows, device=device) for _ in range(3)]
-    lse, g = torch.zeros(rows, device=device), torch.full((rows,), 1.0 / B, device=device)
+    lse, pos = torch.zeros(rows, device=device), torch.zeros(rows, device=device)
     dq_rows = torch.empty(rows, D, dtype=dtype, device=device)
     dd = torch.zeros(N, D, dtype=dtype, device=device)
     chunk_flops = 2 * rows * N * D
 
-    def lse_update(block_m, block_n, warps):
-        return lambda: K._lse_update_kernel[(triton_cdiv(rows, block_m),)](
-            S, labels, labels, labels, scale, *stats, rows, 0, N, S.stride(0),
+    def row_lse(block_m, block_n, warps):
+        return lambda: K._row_lse_kernel[(triton_cdiv(rows, block_m),)](
+            S, labels, labels, labels, scale, lse, pos, rows, N, S.stride(0),
             HAS_IDS=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
     def softmax_grad(block_m, block_n, warps):
         grid = (triton_cdiv(rows, block_m), triton_cdiv(N, block_n))
         ds = torch.empty(grid[0] * grid[1], device=device)
         return lambda: K._softmax_grad_kernel[grid](
-            S, labels, labels, labels, scale, lse, g, G, ds, rows, 0, N, S.stride(0), G.stride(0),
+            S, labels, labels, labels, scale, lse, 1.0 / B, G, ds, rows, N, S.stride(0), G.stride(0),
             HAS_IDS=False, SCALE_GRAD=True, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
     lse_tiles = [K.LSE_TILE] + [t for t in LSE_TILES if t != K.LSE_TILE]
     grad_tiles = [K.GRAD_TILE] + [t for t in GRAD_TILES if t != K.GRAD_TILE]
     steps = {"similarities q[rows] @ d^T (fp32 out)": (lambda: K._similarities(q_[:rows], d_, S), chunk_flops, 0)}
-    steps |= {f"lse update {t}": (lse_update(*t), 0, rows * N * 4) for t in lse_tiles}
+    steps |= {f"row lse {t}": (row_lse(*t), 0, rows * N * 4) for t in lse_tiles}
     steps |= {f"softmax grad {t}": (softmax_grad(*t), 0, rows * N * (4 + G.element_size())) for t in grad_tiles}
     steps |= {"dq[rows] = G d": (lambda: torch.mm(G, d_, out=dq_rows), chunk_flops, 0),
               "dd += G^T q[rows]": (lambda: K._add_product(dd, G.t(), q_[:rows]), chunk_flops, 0)}
@@ -181,11 +180,11 @@ def breakdown(B, k, D, dtype, device="cuda"):
                         **({"TFLOP/s": flops / ms / 1e9} if flops else {"GB/s": moved / ms / 1e6})}
         print(name, {key: round(v, 2) for key, v in report[name].items()})
     fastest = {kind: min(tiles, key=lambda t, kind=kind: report[f"{kind} {t}"]["ms_all_chunks"])
-               for kind, tiles in (("lse update", lse_tiles), ("softmax grad", grad_tiles))}
+               for kind, tiles in (("row lse", lse_tiles), ("softmax grad", grad_tiles))}
     report["fastest_tiles"] = {kind: list(t) for kind, t in fastest.items()}
     shipped = K.WORKSPACE_BYTES, K.LSE_TILE, K.GRAD_TILE
     try:
-        K.LSE_TILE, K.GRAD_TILE = fastest["lse update"], fastest["softmax grad"]
+        K.LSE_TILE, K.GRAD_TILE = fastest["row lse"], fastest["softmax grad"]
         for mib in WORKSPACES_MIB:
             K.WORKSPACE_BYTES = mib << 20
             ms = timed_ms(lambda: step(K.infonce_triton, q, d, labels))

@@ -6,8 +6,8 @@ For normalized queries q [B, D], documents d [N, D], labels [B] and a scale s:
 
 The queries are walked in row chunks: a chunk's similarities S = q[rows] @ d^T [rows, N] (fp32
 accumulation and output) fill a buffer of at most WORKSPACE_BYTES whatever B x N is. With whole rows
-in hand, a Triton kernel folds S into each row's log-sum-exp (running max, sum of exponentials, the
-label's logit), and when gradients are wanted a second one turns S into
+in hand, a Triton kernel reduces S to each row's log-sum-exp (online: running max and sum of
+exponentials) and label logit, and when gradients are wanted a second one turns S into
 G = s / B * (softmax - onehot) (and per-tile partials of d loss / d s), and two products follow:
 dq[rows] = G d, dd += G^T q[rows].
 
@@ -74,67 +74,62 @@ def _keep(ids_ptr, rows, cols, labels, label_ids, col_ok, HAS_IDS: tl.constexpr)
     return keep
 
 
-@jit(do_not_specialize=["col0", "n_cols"])
-def _lse_update_kernel(S_ptr, labels_ptr, ids_ptr, label_ids_ptr, scale_ptr, max_ptr, sumexp_ptr, pos_ptr,
-                       B, col0, n_cols, stride_S,
-                       HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Fold the chunk S [B, n_cols] (columns col0 ..) into each row's running max, sum and label logit."""
+@jit(do_not_specialize=["n_cols"])
+def _row_lse_kernel(S_ptr, labels_ptr, ids_ptr, label_ids_ptr, scale_ptr, lse_ptr, pos_ptr,
+                    n_rows, n_cols, stride_S,
+                    HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Each row's log-sum-exp over its kept columns, and its label's logit, from whole rows S [n_rows, n_cols]."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
+    row_ok = rows < n_rows
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     label_ids = labels
     if HAS_IDS:
         label_ids = tl.load(label_ids_ptr + rows, mask=row_ok, other=-1)
     scale = tl.load(scale_ptr)
-    m = tl.load(max_ptr + rows, mask=row_ok, other=float("-inf"))
-    sumexp = tl.load(sumexp_ptr + rows, mask=row_ok, other=0.0)
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=0.0)
-    S_rows = S_ptr + rows.to(tl.int64)[:, None] * stride_S  # int64: B x cols may pass 2**31
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    sumexp = tl.zeros([BLOCK_M], tl.float32)
+    pos = tl.zeros([BLOCK_M], tl.float32)
+    S_rows = S_ptr + rows.to(tl.int64)[:, None] * stride_S  # int64: rows x n_cols may pass 2**31
     for n0 in range(0, n_cols, BLOCK_N):
-        local = n0 + tl.arange(0, BLOCK_N)
-        cols = col0 + local
-        col_ok = local < n_cols
-        cos = tl.load(S_rows + local[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        cos = tl.load(S_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         keep = _keep(ids_ptr, rows, cols, labels, label_ids, col_ok, HAS_IDS)
         logits = tl.where(keep, cos * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has kept no column yet
         sumexp = sumexp * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
         m = m_new
-        is_label = keep & (cols[None, :] == labels[:, None])  # keep: a tile may reach into the next chunk
-        pos += tl.sum(tl.where(is_label, logits, 0.0), axis=1)
-    tl.store(max_ptr + rows, m, mask=row_ok)
-    tl.store(sumexp_ptr + rows, sumexp, mask=row_ok)
+        pos += tl.sum(tl.where(keep & (cols[None, :] == labels[:, None]), logits, 0.0), axis=1)
+    tl.store(lse_ptr + rows, m + tl.log(sumexp), mask=row_ok)  # the label is always kept: sumexp > 0
     tl.store(pos_ptr + rows, pos, mask=row_ok)
 
 
-@jit(do_not_specialize=["col0", "n_cols"])
-def _softmax_grad_kernel(S_ptr, labels_ptr, ids_ptr, label_ids_ptr, scale_ptr, lse_ptr, g_ptr, G_ptr, ds_ptr,
-                         B, col0, n_cols, stride_S, stride_G,
+@jit(do_not_specialize=["n_cols"])
+def _softmax_grad_kernel(S_ptr, labels_ptr, ids_ptr, label_ids_ptr, scale_ptr, lse_ptr, row_weight, G_ptr, ds_ptr,
+                         n_rows, n_cols, stride_S, stride_G,
                          HAS_IDS: tl.constexpr, SCALE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
-    """G[:, chunk] = s * g_i * (softmax_ij - onehot_ij) from the chunk's similarities S."""
+    """G = s * w * (softmax - onehot) from whole rows S [n_rows, n_cols] (w: each row's weight in the loss)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = col0 + local
-    row_ok = rows < B
-    col_ok = local < n_cols
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     label_ids = labels
     if HAS_IDS:
         label_ids = tl.load(label_ids_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)  # padding rows get no gradient
     scale = tl.load(scale_ptr)
 
     tile = row_ok[:, None] & col_ok[None, :]
-    cos = tl.load(S_ptr + rows.to(tl.int64)[:, None] * stride_S + local[None, :], mask=tile, other=0.0)
-    keep = _keep(ids_ptr, rows, cols, labels, label_ids, col_ok, HAS_IDS)
+    cos = tl.load(S_ptr + rows.to(tl.int64)[:, None] * stride_S + cols[None, :], mask=tile, other=0.0)
+    keep = _keep(ids_ptr, rows, cols, labels, label_ids, col_ok, HAS_IDS) & tile
     p = tl.where(keep, tl.exp(cos * scale - lse[:, None]), 0.0)
     onehot = tl.where(keep & (cols[None, :] == labels[:, None]), 1.0, 0.0)
-    dlogits = g[:, None] * (p - onehot)
-    out = G_ptr + rows.to(tl.int64)[:, None] * stride_G + local[None, :]
+    dlogits = row_weight * (p - onehot)
+    out = G_ptr + rows.to(tl.int64)[:, None] * stride_G + cols[None, :]
     tl.store(out, (dlogits * scale).to(G_ptr.dtype.element_ty), mask=tile)
     if SCALE_GRAD:  # d logits / d s = cos; one partial per tile, summed on the host in a fixed order
         tl.store(ds_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(dlogits * cos, axis=1), axis=0))
@@ -156,9 +151,9 @@ def workspace_bytes(B: int, N: int, dtype: torch.dtype, grads: bool = True) -> i
     elem = torch.empty((), dtype=dtype).element_size()
     rows = chunk_rows(B, N)
     rounded = dtype != torch.float32 and not _MM_OUT_DTYPE  # each similarity chunk first in the inputs' dtype
-    total = 4 * B * 4 + rows * N * (4 + (elem if rounded else 0))  # max/sum/pos/lse, similarities
+    total = 2 * B * 4 + rows * N * (4 + (elem if rounded else 0))  # lse and label logits, similarities
     if grads:
-        total += B * 4 + rows * N * elem  # d mean / d loss_i, the gradient chunk G
+        total += rows * N * elem  # the gradient chunk G
     return total
 
 
@@ -203,16 +198,13 @@ class InfoNCEFunction(torch.autograd.Function):
         has_ids = document_ids is not None
         ids = document_ids.contiguous() if has_ids else labels  # a dummy pointer when unused
         label_ids = ids[labels].contiguous() if has_ids else labels
-        row_max = torch.full((B,), float("-inf"), dtype=torch.float32, device=q.device)
-        sumexp = torch.zeros(B, dtype=torch.float32, device=q.device)
-        pos = torch.zeros(B, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, dtype=torch.float32, device=q.device)
+        pos = torch.empty(B, dtype=torch.float32, device=q.device)
         rows = chunk_rows(B, N)
         (lse_m, lse_n, lse_warps), (grad_m, grad_n, grad_warps) = _tiles()
         sim_buffer = torch.empty(rows * N, dtype=torch.float32, device=q.device)
         if grads:
             grad_buffer = torch.empty(rows * N, dtype=q.dtype, device=q.device)
-            g = torch.full((B,), 1.0 / B, dtype=torch.float32, device=q.device)  # d mean / d loss_i
             dq = torch.empty_like(q) if need_q else None
             dd = torch.empty_like(d) if need_d else None
             # d loss / d s: one partial per tile of each chunk, summed at the end in a fixed order
@@ -222,16 +214,15 @@ class InfoNCEFunction(torch.autograd.Function):
             r = slice(r0, min(r0 + rows, B))
             n_rows = r.stop - r0
             S = _similarities(q[r], d, _chunk_view(sim_buffer, n_rows, N))
-            _lse_update_kernel[(triton.cdiv(n_rows, lse_m),)](
-                S, labels[r], ids, label_ids[r], scale32, row_max[r], sumexp[r], pos[r], n_rows, 0, N, S.stride(0),
+            _row_lse_kernel[(triton.cdiv(n_rows, lse_m),)](
+                S, labels[r], ids, label_ids[r], scale32, lse[r], pos[r], n_rows, N, S.stride(0),
                 HAS_IDS=has_ids, BLOCK_M=lse_m, BLOCK_N=lse_n, num_warps=lse_warps,
             )
-            torch.add(row_max[r], sumexp[r].log(), out=lse[r])  # the label is always kept: every sum is > 0
             if not grads:
                 continue
             G = _chunk_view(grad_buffer, n_rows, N)
             _softmax_grad_kernel[(triton.cdiv(n_rows, grad_m), triton.cdiv(N, grad_n))](
-                S, labels[r], ids, label_ids[r], scale32, lse[r], g[r], G, ds[chunk], n_rows, 0, N,
+                S, labels[r], ids, label_ids[r], scale32, lse[r], 1.0 / B, G, ds[chunk], n_rows, N,
                 S.stride(0), G.stride(0),
                 HAS_IDS=has_ids, SCALE_GRAD=need_s, BLOCK_M=grad_m, BLOCK_N=grad_n, num_warps=grad_warps,
             )

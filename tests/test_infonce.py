@@ -156,10 +156,10 @@ from triton.compiler import ASTSource
 import speedx.kernels.infonce as k
 
 for cap in (80, 90):
-    for fn, (block_m, block_n, warps) in ((k._lse_update_kernel, k.LSE_TILE), (k._softmax_grad_kernel, k.GRAD_TILE)):
+    for fn, (block_m, block_n, warps) in ((k._row_lse_kernel, k.LSE_TILE), (k._softmax_grad_kernel, k.GRAD_TILE)):
         consts = dict(HAS_IDS=True, SCALE_GRAD=True, BLOCK_M=block_m, BLOCK_N=block_n)
         consts = {name: value for name, value in consts.items() if name in fn.arg_names}
-        types = dict(G_ptr="*bf16", labels_ptr="*i64", ids_ptr="*i64", label_ids_ptr="*i64")
+        types = dict(G_ptr="*bf16", labels_ptr="*i64", ids_ptr="*i64", label_ids_ptr="*i64", row_weight="fp32")
         sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
                for n in fn.arg_names}
         options = dict(num_warps=warps)
