@@ -172,7 +172,7 @@ def breakdown(B, k, D, dtype, device="cuda"):
     steps |= {f"row lse {t}": (row_lse(*t), 0, rows * N * 4) for t in lse_tiles}
     steps |= {f"softmax grad {t}": (softmax_grad(*t), 0, rows * N * (4 + G.element_size())) for t in grad_tiles}
     steps |= {"dq[rows] = G d": (lambda: torch.mm(G, d_, out=dq_rows), chunk_flops, 0),
-              "dd += G^T q[rows]": (lambda: K._add_product(dd, G.t(), q_[:rows]), chunk_flops, 0)}
+              "dd += G^T q[rows]": (lambda: torch.addmm(dd, G.t(), q_[:rows], out=dd), chunk_flops, 0)}
     report = {"chunk_rows": rows, "chunks": chunks}
     for name, (fn, flops, moved) in steps.items():
         ms = timed_ms(fn)

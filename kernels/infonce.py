@@ -59,8 +59,8 @@ GRAD_TILE = (16, 512, 8)
 INTERPRETER_TILES = ((8, 32, 4), (16, 32, 4))
 
 # Recent torch (2.11 on the GPU image, 2.13 here) multiplies bf16/fp16 into an fp32 result on CUDA:
-# torch.mm / torch.addmm(..., out_dtype=torch.float32). Without it the products round to the inputs' dtype.
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
+# torch.mm(..., out_dtype=torch.float32). Without it the similarities round to the inputs' dtype.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out")
 
 
 @jit
@@ -171,18 +171,6 @@ def _similarities(q: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> torch.
     return out.copy_(q @ d.t())  # CPU (the interpreter's tests) or an older torch: the product's dtype
 
 
-def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: int = 1) -> None:
-    """acc = beta * acc + a @ b (beta 0 or 1), rounded once into acc's dtype (fp32 or the inputs' own)."""
-    if acc.dtype == a.dtype:
-        torch.addmm(acc, a, b, beta=beta, out=acc)
-    elif a.is_cuda and _MM_OUT_DTYPE:
-        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
-    elif beta:
-        acc.add_(a @ b)
-    else:
-        acc.copy_(a @ b)
-
-
 class InfoNCEFunction(torch.autograd.Function):
     """(q [B, D], d [N, D] normalized, labels [B] int64, scale [1] tensor, document_ids [N] or None,
     grads: compute the gradients) -> mean loss."""
@@ -229,7 +217,8 @@ class InfoNCEFunction(torch.autograd.Function):
             if need_q:
                 torch.mm(G, d, out=dq[r])
             if need_d:
-                _add_product(dd, G.t(), q[r], beta=int(r0 > 0))  # summed in d's dtype, as autograd sums grads
+                # summed in d's dtype, as autograd sums the gradients of a tensor used twice
+                torch.addmm(dd, G.t(), q[r], beta=int(r0 > 0), out=dd)
         ctx.grads = None
         if grads:
             dscale = ds.sum().reshape(scale.shape).to(scale.dtype) if need_s else None
