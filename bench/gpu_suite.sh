@@ -8,9 +8,14 @@
 #   bash bench/gpu_suite.sh                 # everything
 #   SKIP_8B=1 bash bench/gpu_suite.sh       # without the Llama-3-8B-shaped throughput runs
 #   SKIP_TESTS=1 SKIP_KERNELS=1 ...         # without the GPU tests / the kernel benchmarks
+#   QUICK=1 bash bench/gpu_suite.sh         # the headline numbers only, in one call: the GPU tests of the
+#                                           # attention and InfoNCE kernels, the InfoNCE target shape, the
+#                                           # attention benchmarks (mixed steps both ways, prefill tiles) and
+#                                           # the 8B 1024/1024 grid with the fp8 KV cache
 # Everything takes about 12 minutes on an H100/H200 (summed from its parts run on 2026-11-26; the
 # 8B runs are most of it): under a 10-minute limit per command, run it in two calls (SKIP_8B=1,
-# then SKIP_TESTS=1 SKIP_KERNELS=1).
+# then SKIP_TESTS=1 SKIP_KERNELS=1). QUICK=1 is meant to fit one such call (its parts took ~6 minutes
+# in earlier runs; not yet timed as a whole).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,6 +29,20 @@ nvidia-smi -L || true
 "$PY" -c "import speedx._C, speedx.kernels" 2>/dev/null \
     || "$PY" -m pip install -q --no-build-isolation --no-deps -e . || { echo "!!! could not build speedx"; exit 1; }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+MODEL_DIR=${MODEL_DIR:-/tmp/speedx-llama3-8b-random}
+if [ -n "${QUICK:-}" ]; then
+    step "$PY" -m pytest -q tests/test_infonce.py
+    step "$PY" -m pytest -q -m gpu tests/test_triton_attention.py tests/test_triton_engine.py
+    step "$PY" bench/infonce.py --batch 8192 --docs-per-query 7 --out "$RESULTS/infonce_target.json"
+    step "$PY" bench/kernels.py --only attention prefill_tiles --out "$RESULTS/kernels_attention.json"
+    [ -f "$MODEL_DIR/config.json" ] || step "$PY" bench/random_llama.py --shape llama3-8b "$MODEL_DIR"
+    step env SPEEDX_KERNELS=auto "$PY" bench/throughput.py --model "$MODEL_DIR" --repeats 1 --max-num-batched-tokens 8192 \
+        --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 --skip-hf --kv-cache-dtype fp8 \
+        --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
+    echo; echo "results in $RESULTS/ (exit status $status)"
+    exit $status
+fi
 
 # 1. The @gpu tests: compiled Triton kernels on CUDA (bf16 and fp32) against the twins.
 #    Only the files that hold GPU tests: the others may import packages the GPU image lacks (faiss, mteb).
@@ -47,7 +66,6 @@ fi
 
 # 4. A randomly initialised Llama-3-8B-shaped checkpoint (16 GB of bf16, written once; see
 #    bench/random_llama.py): the runs ignore EOS, so the text is noise but the compute is the 8B model's.
-MODEL_DIR=${MODEL_DIR:-/tmp/speedx-llama3-8b-random}
 if [ -z "${SKIP_8B:-}" ]; then
     [ -f "$MODEL_DIR/config.json" ] || step "$PY" bench/random_llama.py --shape llama3-8b "$MODEL_DIR"
     M8B="$PY bench/throughput.py --model $MODEL_DIR --repeats 1 --max-num-batched-tokens 8192"
