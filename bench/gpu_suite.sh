@@ -14,8 +14,7 @@
 #                                           # the 8B 1024/1024 grid with the fp8 KV cache
 # Everything takes about 12 minutes on an H100/H200 (summed from its parts run on 2026-11-26; the
 # 8B runs are most of it): under a 10-minute limit per command, run it in two calls (SKIP_8B=1,
-# then SKIP_TESTS=1 SKIP_KERNELS=1). QUICK=1 is meant to fit one such call (its parts took ~6 minutes
-# in earlier runs; not yet timed as a whole).
+# then SKIP_TESTS=1 SKIP_KERNELS=1). QUICK=1 is meant to fit one such call (not yet timed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
