@@ -78,3 +78,50 @@ def test_kernels_compile_for_gpus(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice; the default anyway
     subprocess.run([sys.executable, "-c", COMPILE], check=True, env=env, timeout=600)
+
+
+VECTORIZED = """
+import collections, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import speedx.kernels.infonce as k
+
+nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+if not os.path.exists(nvdisasm):
+    sys.exit(77)
+for fn, (block_m, block_n, warps) in ((k._row_lse_kernel, k.LSE_TILE), (k._softmax_grad_kernel, k.GRAD_TILE)):
+    consts = dict(HAS_IDS=True, SCALE_GRAD=True, BLOCK_M=block_m, BLOCK_N=block_n)
+    consts = {name: value for name, value in consts.items() if name in fn.arg_names}
+    types = dict(G_ptr="*bf16", labels_ptr="*i64", ids_ptr="*i64", label_ids_ptr="*i64", row_weight="fp32")
+    sig = {n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
+           for n in fn.arg_names}
+    # what the JIT specializes at run time for N = 57344: aligned pointers, and every int it may
+    # specialize (those not in the kernel's do_not_specialize) a multiple of 16
+    fixed = {p.name for p in fn.params if p.do_not_specialize} | set(consts) | {"row_weight"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in fixed}
+    compiled = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=warps))
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    ops = collections.Counter(re.findall(r"\\b(LDG|STG)\\.E(\\.\\w+)?", sass))
+    print(fn.__name__, dict(ops))
+    assert ops[("LDG", ".128")] >= 4, f"{fn.__name__}: the similarity rows are not read 16 bytes at a time"
+    assert ops[("STG", ".U16")] == 0, f"{fn.__name__}: G is stored one bf16 at a time"
+"""
+
+
+def test_infonce_kernels_vectorize_for_sm90(tmp_path):
+    """The fused InfoNCE kernels stream B x N rows: compiled for sm_90 as the JIT specializes them
+    (N a multiple of 16), their global loads and stores must be 16 bytes wide (nvdisasm of the cubin)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, "-c", VECTORIZED], env=env, timeout=600, capture_output=True, text=True)
+    if run.returncode == 77:
+        pytest.skip("this triton wheel ships no nvdisasm")
+    assert run.returncode == 0, run.stdout + run.stderr
