@@ -10,7 +10,8 @@
 #   SKIP_TESTS=1 SKIP_KERNELS=1 ...         # without the GPU tests / the kernel benchmarks
 #   QUICK=1 bash bench/gpu_suite.sh         # the headline numbers only, in one call: the GPU tests of the
 #                                           # attention and InfoNCE kernels, the InfoNCE target shape, the
-#                                           # attention benchmarks (mixed steps both ways, prefill tiles) and
+#                                           # attention benchmarks (mixed steps both ways, prefill and decode
+#                                           # tile sweeps, the FP8_PV_TRANSPOSED candidate among them) and
 #                                           # the 8B 1024/1024 grid with the fp8 KV cache
 # Everything takes about 12 minutes on an H100/H200 (summed from its parts run on 2026-11-26; the
 # 8B runs are most of it): under a 10-minute limit per command, run it in two calls (SKIP_8B=1,
@@ -34,7 +35,7 @@ if [ -n "${QUICK:-}" ]; then
     step "$PY" -m pytest -q tests/test_infonce.py
     step "$PY" -m pytest -q -m gpu tests/test_triton_attention.py tests/test_triton_engine.py
     step "$PY" bench/infonce.py --batch 8192 --docs-per-query 7 --out "$RESULTS/infonce_target.json"
-    step "$PY" bench/kernels.py --only attention prefill_tiles --out "$RESULTS/kernels_attention.json"
+    step "$PY" bench/kernels.py --only attention prefill_tiles decode_tiles --out "$RESULTS/kernels_attention.json"
     [ -f "$MODEL_DIR/config.json" ] || step "$PY" bench/random_llama.py --shape llama3-8b "$MODEL_DIR"
     step env SPEEDX_KERNELS=auto "$PY" bench/throughput.py --model "$MODEL_DIR" --repeats 1 --max-num-batched-tokens 8192 \
         --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 --skip-hf --kv-cache-dtype fp8 \
