@@ -276,20 +276,23 @@ def _init_gloo(rank, world, path):
     return dist
 
 
-def test_gather_single_process_equals_local(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gather_single_process_equals_local(request, tmp_path, backend):
+    if backend == "triton":
+        request.getfixturevalue("fused")  # skips without triton (or without its interpreter on CPU)
     q, d, labels, ids = make_batch(11, 2, 16, "grouped", True)
     dist = _init_gloo(0, 1, tmp_path / "store")
     try:
-        gathered = loss_and_grads_gather(q, d, labels, ids, gather=True)
+        gathered = loss_and_grads_gather(q, d, labels, ids, gather=True, backend=backend)
     finally:
         dist.destroy_process_group()
     assert_same(gathered, loss_and_grads_gather(q, d, labels, ids, gather=False))
 
 
-def loss_and_grads_gather(q, d, labels, ids, gather):
+def loss_and_grads_gather(q, d, labels, ids, gather, backend="torch"):
     q, d = q.clone().requires_grad_(), d.clone().requires_grad_()
     s = torch.tensor(30.0, requires_grad=True)
-    loss = infonce_loss(q, d, labels, scale=s, backend="torch", document_ids=ids, gather_across_processes=gather)
+    loss = infonce_loss(q, d, labels, scale=s, backend=backend, document_ids=ids, gather_across_processes=gather)
     loss.backward()
     return loss.detach(), q.grad, d.grad, s.grad
 
