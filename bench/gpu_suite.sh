@@ -12,7 +12,8 @@
 #                                           # attention and InfoNCE kernels, the InfoNCE target shape, the
 #                                           # attention benchmarks (mixed steps both ways, prefill and decode
 #                                           # tile sweeps, the FP8_PV_TRANSPOSED candidate among them) and
-#                                           # the 8B 1024/1024 grid with the fp8 KV cache
+#                                           # the 8B 1024/1024 grid with the fp8 KV cache, without and
+#                                           # with async scheduling
 # Everything takes about 12 minutes on an H100/H200 (summed from its parts run on 2026-11-26; the
 # 8B runs are most of it): under a 10-minute limit per command, run it in two calls (SKIP_8B=1,
 # then SKIP_TESTS=1 SKIP_KERNELS=1). QUICK=1 is meant to fit one such call (not yet timed).
@@ -34,12 +35,16 @@ MODEL_DIR=${MODEL_DIR:-/tmp/speedx-llama3-8b-random}
 if [ -n "${QUICK:-}" ]; then
     step "$PY" -m pytest -q tests/test_infonce.py
     step "$PY" -m pytest -q -m gpu tests/test_triton_attention.py tests/test_triton_engine.py
+    step "$PY" -m pytest -q tests/test_async_scheduling.py
     step "$PY" bench/infonce.py --batch 8192 --docs-per-query 7 --out "$RESULTS/infonce_target.json"
     step "$PY" bench/kernels.py --only attention prefill_tiles decode_tiles --out "$RESULTS/kernels_attention.json"
     [ -f "$MODEL_DIR/config.json" ] || step "$PY" bench/random_llama.py --shape llama3-8b "$MODEL_DIR"
     step env SPEEDX_KERNELS=auto "$PY" bench/throughput.py --model "$MODEL_DIR" --repeats 1 --max-num-batched-tokens 8192 \
         --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 --skip-hf --kv-cache-dtype fp8 \
         --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
+    step env SPEEDX_KERNELS=auto "$PY" bench/throughput.py --model "$MODEL_DIR" --repeats 1 --max-num-batched-tokens 8192 \
+        --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 --skip-hf --kv-cache-dtype fp8 \
+        --async-scheduling --out "$RESULTS/throughput_8b_1024x1024_fp8kv_async.json"
     echo; echo "results in $RESULTS/ (exit status $status)"
     exit $status
 fi
@@ -47,8 +52,9 @@ fi
 # 1. The @gpu tests: compiled Triton kernels on CUDA (bf16 and fp32) against the twins.
 #    Only the files that hold GPU tests: the others may import packages the GPU image lacks (faiss, mteb).
 [ -z "${SKIP_TESTS:-}" ] && step "$PY" -m pytest -q -m gpu $(grep -l "mark.gpu" tests/test_*.py)
-#    The fused InfoNCE tests run on CUDA whenever it is there (kernel vs twin, bf16 and fp32).
-[ -z "${SKIP_TESTS:-}" ] && step "$PY" -m pytest -q tests/test_infonce.py
+#    The fused InfoNCE tests run on CUDA whenever it is there (kernel vs twin, bf16 and fp32), and so do
+#    the async scheduling ones (pinned copies, CUDA graphs fed on the device).
+[ -z "${SKIP_TESTS:-}" ] && step "$PY" -m pytest -q tests/test_infonce.py tests/test_async_scheduling.py
 
 # 2. Kernel benchmarks (do_bench medians, bandwidth vs a measured device copy).
 [ -z "${SKIP_KERNELS:-}" ] && step "$PY" bench/kernels.py --out "$RESULTS/kernels.json"
@@ -74,9 +80,12 @@ if [ -z "${SKIP_8B:-}" ]; then
     # The fixed 1024-in / 1024-out grid, with transformers.generate timed on 16 of the prompts.
     step env SPEEDX_KERNELS=auto $M8B --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 \
         --hf-num-prompts 16 --out "$RESULTS/throughput_8b_1024x1024.json"
-    # The same grid with the fp8 KV cache (half the KV bytes: all 256 sequences fit on an H100).
+    # The same grid with the fp8 KV cache (half the KV bytes: all 256 sequences fit on an H100), then
+    # with async scheduling (decode steps launched a step ahead).
     step env SPEEDX_KERNELS=auto $M8B --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 --skip-hf \
         --kv-cache-dtype fp8 --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
+    step env SPEEDX_KERNELS=auto $M8B --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 --skip-hf \
+        --kv-cache-dtype fp8 --async-scheduling --out "$RESULTS/throughput_8b_1024x1024_fp8kv_async.json"
     # Where the grid's time goes: device span vs host time per kind of step, and the top kernels.
     step env SPEEDX_KERNELS=auto "$PY" bench/step_profile.py --model "$MODEL_DIR" --workload fixed \
         --out "$RESULTS/step_profile_8b_1024x1024.json"

@@ -59,16 +59,17 @@ def measure_ceilings() -> tuple[float, float]:
 
 
 class StepTimer:
-    """Wraps the engine's step and the runner's prepare/run to time every step."""
+    """Wraps the engine's step and the runner's prepare/launch to time every step (the end event is
+    recorded after all of a step's device work is queued, so it closes the step's device span)."""
 
     def __init__(self, llm: LLM):
         self.engine, self.runner = llm.engine, llm.engine.runner
         self.records: list[dict] = []
         self._current: dict = {}
-        prepare, run, step = self.runner._prepare, self.runner.run, self.engine.step
+        prepare, launch, step = self.runner._prepare, self.runner.launch, self.engine.step
 
-        def timed_prepare(batch):
-            out = prepare(batch)
+        def timed_prepare(batch, follows=None):
+            out = prepare(batch, follows)
             seqs, counts = batch.sequences, batch.num_new_tokens
             decode = sum(1 for s, n in zip(seqs, counts) if n == 1 and s.num_computed_tokens == s.num_tokens - 1)
             self._current.update(
@@ -79,8 +80,8 @@ class StepTimer:
             self._current["start"].record()
             return out
 
-        def timed_run(batch):
-            out = run(batch)
+        def timed_launch(batch, follows=None):
+            out = launch(batch, follows)
             self._current["end"] = event()
             self._current["end"].record()
             return out
@@ -98,7 +99,7 @@ class StepTimer:
                                          preempted=stats.num_preempted))
             return outputs, stats
 
-        self.runner._prepare, self.runner.run, self.engine.step = timed_prepare, timed_run, timed_step
+        self.runner._prepare, self.runner.launch, self.engine.step = timed_prepare, timed_launch, timed_step
 
 
 def summarize(records, total_seconds, weight_bytes, kv_per_token, params, bandwidth, flops) -> list[dict]:

@@ -48,6 +48,10 @@ class LLM:
     kv_cache_dtype: "auto" (the model's dtype) or "fp8" (float8 e4m3, scale 1, as vLLM's "fp8"): half
     the KV bytes, so twice the tokens in memory and half the cache traffic of a decode step, at the
     cost of 3 mantissa bits per cached key/value. Meant for CUDA; on CPU it runs on the slower twins.
+    async_scheduling: launch each decode step before the previous step's tokens reach the host (its
+    inputs are read on the device), so the host's per-step work overlaps the GPU's, as vLLM's option
+    of that name. Same tokens; a sequence that stops computes one token more, which is dropped.
+    Off by default; it pays on CUDA, where decode steps are short (on CPU there is nothing to overlap).
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class LLM:
         enforce_eager: bool = False,
         lora: str | None = None,
         kv_cache_dtype: str = "auto",
+        async_scheduling: bool = False,
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be >= 1")
@@ -102,7 +107,7 @@ class LLM:
             max_model_len = capacity
         pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.engine = LLMEngine(net, self.tokenizer, pool, self.device, self.kv_cache_dtype, max_model_len,
-                                max_num_seqs, max_num_batched_tokens, seed)
+                                max_num_seqs, max_num_batched_tokens, seed, async_scheduling)
         self.model_name = str(model) + (f" + LoRA {lora}" if lora else "")
         self.max_model_len = max_model_len
         if not enforce_eager:

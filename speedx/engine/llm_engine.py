@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 
 from speedx._C import BlockPool
-from speedx.engine.model_runner import ModelRunner
+from speedx.engine.model_runner import ModelRunner, PendingStep
 from speedx.engine.outputs import CompletionOutput, RequestOutput
 from speedx.engine.sampling_params import SamplingParams
-from speedx.engine.scheduler import Scheduler
+from speedx.engine.scheduler import ScheduledBatch, Scheduler
 from speedx.engine.sequence import Request, Sequence, SequenceStatus
 from speedx.engine.sampler import splitmix64
 from speedx.engine.structured_output import StructuredOutputs
@@ -30,7 +30,7 @@ class StepStats:
 
 class LLMEngine:
     def __init__(self, model, tokenizer, pool: BlockPool, device, kv_cache_dtype, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, seed: int):
+                 max_num_seqs: int, max_num_batched_tokens: int, seed: int, async_scheduling: bool = False):
         self.tokenizer = tokenizer
         self.pool = pool
         self.max_model_len = max_model_len
@@ -46,6 +46,9 @@ class LLMEngine:
         # Sequences that received a token in the latest step(), in order: servers stream their new
         # tokens from here (output_token_ids grew; finished ones end with output_text(seq)).
         self.step_sequences: list[Sequence] = []
+        # Launch each plain decode step before the tokens of the one before reach the host (see _launch_ahead).
+        self.async_scheduling = async_scheduling
+        self._ahead: tuple[ScheduledBatch, PendingStep] | None = None
 
     # ------------------------------------------------------------------ requests
 
@@ -96,6 +99,7 @@ class LLMEngine:
         self.scheduler.running.clear()
         self.requests.clear()
         self._compiling.clear()
+        self._ahead = None  # its device work finishes on its own; nothing reads its tokens
 
     def abort_request(self, request_id: str) -> bool:
         """Drop one unfinished request (e.g. its client went away): unschedule it, free its KV blocks.
@@ -124,18 +128,27 @@ class LLMEngine:
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         start = time.perf_counter()
         self.step_sequences = []
-        finished = self._take_compiled_grammars() if self._compiling else []
-        batch = self.scheduler.schedule()
-        stats = StepStats(num_preempted=batch.num_preempted)
-        if not batch.sequences:
-            if self._compiling:  # all that is left waits on a grammar: block until one is compiled
-                wait([r.grammar for r in self._compiling], return_when=FIRST_COMPLETED)
-            elif self.scheduler.has_work():
-                raise RuntimeError("scheduler made no progress; the KV cache is too small for a single sequence")
-            stats.seconds = time.perf_counter() - start
-            return finished, stats
-        sampled = self.runner.run(batch)
+        if self._ahead is not None:  # launched by the previous step() before its tokens were known
+            (batch, pending), self._ahead = self._ahead, None
+            finished, stats = [], StepStats()
+        else:
+            finished = self._take_compiled_grammars() if self._compiling else []
+            batch = self.scheduler.schedule()
+            stats = StepStats(num_preempted=batch.num_preempted)
+            if not batch.sequences:
+                if self._compiling:  # all that is left waits on a grammar: block until one is compiled
+                    wait([r.grammar for r in self._compiling], return_when=FIRST_COMPLETED)
+                elif self.scheduler.has_work():
+                    raise RuntimeError("scheduler made no progress; the KV cache is too small for a single sequence")
+                stats.seconds = time.perf_counter() - start
+                return finished, stats
+            pending = self.runner.launch(batch)
+        if self.async_scheduling:
+            self._ahead = self._launch_ahead(batch, pending)
+        sampled = pending.result()
         for seq, count, tokens in zip(batch.sequences, batch.num_new_tokens, sampled):
+            if seq.is_finished or self.requests.get(seq.request.request_id) is not seq.request:
+                continue  # it ended (a stop, an abort) while this launched-ahead step was on its way
             if count == 1 and seq.num_computed_tokens == seq.num_tokens - 1:
                 stats.num_decode_tokens += 1
             else:
@@ -158,6 +171,33 @@ class LLMEngine:
                 finished.append(self._finish_request(request))
         stats.seconds = time.perf_counter() - start
         return finished, stats
+
+    def _launch_ahead(self, batch: ScheduledBatch, pending: PendingStep) -> tuple[ScheduledBatch, PendingStep] | None:
+        """Async scheduling: launch the next decode step now, its input tokens read on the device
+        from `pending`, so this step's bookkeeping on the host overlaps the device's work. Only when
+        the next step would be the same plain decode anyway: every running sequence decoding, no
+        grammar, no prompt waiting for admission, KV room for one more token each. A sequence that
+        stops on this step's token (EOS, a stop string) still runs in the next one; that token is
+        dropped. Those the length limit will stop are left out."""
+        if self.scheduler.waiting or self._compiling:
+            return None
+        rows, seqs, ending = [], [], 0
+        for i, (seq, count) in enumerate(zip(batch.sequences, batch.num_new_tokens)):
+            if seq.is_finished:
+                continue
+            if count != 1 or seq.num_computed_tokens != seq.num_tokens - 1 or seq.pending_forks or seq.matcher:
+                return None
+            if seq.num_output_tokens + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
+                ending += 1
+                continue
+            rows.append(i)
+            seqs.append(seq)
+        if not seqs or len(seqs) + ending != len(self.scheduler.running) or len(seqs) > self.scheduler.max_num_batched_tokens:
+            return None
+        if not all(self.pool.ensure_capacity(s.seq_id, s.num_tokens, s.num_tokens + 1) for s in seqs):
+            return None  # the next schedule() preempts as it must
+        ahead = ScheduledBatch(seqs, [1] * len(seqs))
+        return ahead, self.runner.launch(ahead, follows=(pending, rows))
 
     def _register_computed_blocks(self, seq: Sequence) -> None:
         full = seq.num_computed_tokens // self.pool.block_size

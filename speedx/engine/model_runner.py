@@ -59,12 +59,17 @@ class ModelRunner:
             cache = as_bytes(self.kv_cache)
             cache[:, :, dst] = cache[:, :, src]
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
+    def _prepare(self, batch: ScheduledBatch, follows: tuple[PendingStep, list[int]] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
         seqs, counts = batch.sequences, batch.num_new_tokens
-        starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=len(seqs))
+        ahead = int(follows is not None)  # a launched-ahead step: each sequence is one token further on
+        starts = np.fromiter((s.num_computed_tokens + ahead for s in seqs), dtype=np.int64, count=len(seqs))
         ends = starts + np.asarray(counts, dtype=np.int64)
         num_tokens = int(ends.sum() - starts.sum())
-        if num_tokens == len(seqs):  # one token each (decode): the newest, at position `start`
+        if follows is not None:  # its input tokens are still on the device: stage their row numbers instead
+            input_ids = np.asarray(follows[1], dtype=np.int64)
+            positions = starts
+        elif num_tokens == len(seqs):  # one token each (decode): the newest, at position `start`
             input_ids = np.fromiter((s.token_ids[a] for s, a in zip(seqs, starts.tolist())), dtype=np.int64, count=num_tokens)
             positions = starts
         else:
@@ -73,7 +78,7 @@ class ModelRunner:
         seq_ids = np.fromiter((s.seq_id for s in seqs), dtype=np.int64, count=len(seqs))
         slot_mapping = np.empty(len(input_ids), dtype=np.int64)
         self.pool.build_slot_mapping(seq_ids, starts, ends, slot_mapping)
-        max_blocks = -(-max(s.num_tokens for s in seqs) // self.pool.block_size)  # prompts hold all their blocks
+        max_blocks = -(-max(s.num_tokens + ahead for s in seqs) // self.pool.block_size)  # prompts hold all their blocks
         block_tables = np.empty((len(seqs), max_blocks), dtype=np.int32)
         self.pool.build_block_tables(seq_ids, block_tables)
         cu_seqlens = np.zeros(len(seqs) + 1, dtype=np.int32)
@@ -82,6 +87,8 @@ class ModelRunner:
         ids, pos, slots, cu, lens, tables = self.input_staging.to_device(
             input_ids, positions, slot_mapping, cu_seqlens, ends.astype(np.int32), block_tables
         )
+        if follows is not None:
+            ids = follows[0].tokens.index_select(0, ids)
         one_row = np.asarray(counts) == 1
         num_decodes = len(seqs) if one_row.all() else int(one_row.argmin())  # the scheduler puts decodes first
         meta = AttentionMetadata(slot_mapping=slots, cu_seqlens_q=cu, kv_lens=lens, block_tables=tables,
@@ -89,16 +96,18 @@ class ModelRunner:
         return ids, pos, meta, cu_seqlens
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[list[int]]:
-        """One forward step. Returns, per scheduled sequence, the sampled tokens: [] while its
-        prompt is still being prefilled in chunks, n tokens when an n-sample prompt completes."""
+    def launch(self, batch: ScheduledBatch, follows: tuple[PendingStep, list[int]] | None = None) -> PendingStep:
+        """Enqueue one forward step and its sampling; returns before the tokens reach the host.
+        follows=(pending, rows): a decode step launched ahead (async scheduling), in which sequence i
+        feeds the token that row rows[i] of `pending` sampled, not yet in its token_ids."""
         self._copy_on_write()
-        input_ids, positions, meta, cu_seqlens = self._prepare(batch)
+        input_ids, positions, meta, cu_seqlens = self._prepare(batch, follows)
         seqs = batch.sequences
+        ahead = int(follows is not None)
         graphs = self.decode_graphs
         if graphs and self._is_plain_decode(seqs) and graphs.fits(len(seqs), meta.block_tables.shape[1]):
             logits = graphs.run(input_ids, positions, meta.slot_mapping, meta.kv_lens, meta.block_tables)
-            return [[t] for t in self._sample(logits, [(s, 0) for s in seqs]).tolist()]
+            return PendingStep(len(seqs), None, self._sample(logits, [(s, 0) for s in seqs], ahead))
         hidden = self.model(input_ids, positions, meta)
 
         last_rows, rows_of = [], []  # rows of `hidden` to sample from; which sequence/sample each is
@@ -108,24 +117,21 @@ class ModelRunner:
                     last_rows.append(int(cu_seqlens[i + 1]) - 1)
                     rows_of.append((i, sample))
         if not last_rows:
-            return [[] for _ in batch.sequences]
+            return PendingStep(len(seqs), [], None)
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
-        tokens = self._sample(logits, [(batch.sequences[i], sample) for i, sample in rows_of]).tolist()
-
-        result: list[list[int]] = [[] for _ in batch.sequences]
-        for (i, _), token in zip(rows_of, tokens):
-            result[i].append(token)
-        return result
+        tokens = self._sample(logits, [(batch.sequences[i], sample) for i, sample in rows_of], ahead)
+        return PendingStep(len(seqs), rows_of, tokens)
 
     @staticmethod
     def _is_plain_decode(seqs: list[Sequence]) -> bool:
         """Every sequence feeds its one newest token and samples one token (what the graphs run)."""
         return all(s.num_computed_tokens == s.num_tokens - 1 and not s.pending_forks for s in seqs)
 
-    def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]], ahead: int = 0) -> torch.Tensor:
+        """ahead: tokens each sequence has beyond its token_ids (1 in a launched-ahead step)."""
         for r, (seq, _) in enumerate(rows):
             p = seq.params
-            if p.min_tokens and seq.num_output_tokens < p.min_tokens:  # too early to stop: hide EOS and stop ids
+            if p.min_tokens and seq.num_output_tokens + ahead < p.min_tokens:  # too early to stop: hide EOS and stop ids
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else seq.request.eos_token_ids)
                 logits[r, banned] = float("-inf")
         # JSON-schema rows: only tokens their grammar allows next (EOS only once the JSON may end).
@@ -145,10 +151,39 @@ class ModelRunner:
 
         uniforms = counter_uniforms(
             [seq.request.seed for seq, _ in rows], [seq.sample_index + sample for seq, sample in rows],
-            [seq.num_tokens for seq, _ in rows],
+            [seq.num_tokens + ahead for seq, _ in rows],
         )
         temperature, top_k, top_p, min_p, uniforms = self.sampling_staging.to_device(
             column("temperature", np.float32), column("top_k", np.int64), column("top_p", np.float32),
             column("min_p", np.float32), uniforms,
         )
         return sample_tokens(logits, temperature, top_k, top_p, min_p, uniforms, bitmask)
+
+
+class PendingStep:
+    """A launched step's sampled tokens on their way to the host: result() waits for this step's
+    copy only, so later steps may already be queued on the device behind it."""
+
+    def __init__(self, num_seqs: int, rows_of: list[tuple[int, int]] | None, tokens: torch.Tensor | None):
+        self.num_seqs = num_seqs
+        self.rows_of = rows_of  # (sequence, sample) of each sampled row; None: row i is sequence i
+        self.tokens = tokens  # [rows] int64 on the device (a step that follows this one reads them there)
+        self._host, self._copied = tokens, None
+        if tokens is not None and tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def result(self) -> list[list[int]]:
+        """Per scheduled sequence, its sampled tokens: [] while its prompt is still being prefilled in
+        chunks, n tokens when an n-sample prompt completes."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        tokens = self._host.tolist() if self._host is not None else []
+        if self.rows_of is None:
+            return [[t] for t in tokens]
+        result: list[list[int]] = [[] for _ in range(self.num_seqs)]
+        for (i, _), token in zip(self.rows_of, tokens):
+            result[i].append(token)
+        return result

@@ -12,10 +12,14 @@ import torch
 
 
 class Staging:
+    """Two pinned buffers used in turn: filling one waits only for the copy out of the step before
+    last, so a step launched ahead (async scheduling) need not wait for the one still running."""
+
     def __init__(self, device: torch.device):
         self.device = device
-        self.host = torch.empty(0, dtype=torch.uint8)
-        self.copied: torch.cuda.Event | None = None  # the last copy out of `host`
+        self.hosts = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]  # the last copy out of each buffer
+        self.turn = 0
 
     def to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         """The arrays as device tensors (same dtypes and shapes), moved together."""
@@ -25,16 +29,17 @@ class Staging:
         for a in arrays:
             offsets.append(total)
             total += -(-a.nbytes // 8) * 8  # 8-byte aligned, so every slice can be viewed as its dtype
-        if self.copied is not None:
-            self.copied.synchronize()  # the previous copy may still be reading the buffer
-        if self.host.numel() < total:
-            self.host = torch.empty(max(total, 2 * self.host.numel()), dtype=torch.uint8, pin_memory=True)
-        host = self.host.numpy()
+        turn, self.turn = self.turn, 1 - self.turn
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()  # an earlier copy may still be reading this buffer
+        if self.hosts[turn].numel() < total:
+            self.hosts[turn] = torch.empty(max(total, 2 * self.hosts[turn].numel()), dtype=torch.uint8, pin_memory=True)
+        host = self.hosts[turn].numpy()
         for a, offset in zip(arrays, offsets):
             host[offset : offset + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
-        packed = self.host[:total].to(self.device, non_blocking=True)
-        self.copied = torch.cuda.Event()
-        self.copied.record()
+        packed = self.hosts[turn][:total].to(self.device, non_blocking=True)
+        self.copied[turn] = torch.cuda.Event()
+        self.copied[turn].record()
         return [
             packed[offset : offset + a.nbytes].view(torch.from_numpy(a[:0]).dtype).view(a.shape)
             for a, offset in zip(arrays, offsets)
