@@ -175,11 +175,13 @@ class LLMEngine:
     def _launch_ahead(self, batch: ScheduledBatch, pending: PendingStep) -> tuple[ScheduledBatch, PendingStep] | None:
         """Async scheduling: launch the next decode step now, its input tokens read on the device
         from `pending`, so this step's bookkeeping on the host overlaps the device's work. Only when
-        the next step would be the same plain decode anyway: every running sequence decoding, no
-        grammar, no prompt waiting for admission, KV room for one more token each. A sequence that
-        stops on this step's token (EOS, a stop string) still runs in the next one; that token is
-        dropped. Those the length limit will stop are left out."""
-        if self.scheduler.waiting or self._compiling:
+        the next step would be a plain decode anyway: every running sequence decoding, no grammar, no
+        room to admit a waiting prompt (max_num_seqs running), KV room for one more token each. A
+        sequence that stops on this step's token (EOS, a stop string) still runs in the next one; that
+        token is dropped, and a prompt waiting for its place is admitted a step later. Those the length
+        limit will stop are left out."""
+        scheduler = self.scheduler
+        if self._compiling or (scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs):
             return None
         rows, seqs, ending = [], [], 0
         for i, (seq, count) in enumerate(zip(batch.sequences, batch.num_new_tokens)):
@@ -192,7 +194,7 @@ class LLMEngine:
                 continue
             rows.append(i)
             seqs.append(seq)
-        if not seqs or len(seqs) + ending != len(self.scheduler.running) or len(seqs) > self.scheduler.max_num_batched_tokens:
+        if not seqs or len(seqs) + ending != len(scheduler.running) or len(seqs) > scheduler.max_num_batched_tokens:
             return None
         if not all(self.pool.ensure_capacity(s.seq_id, s.num_tokens, s.num_tokens + 1) for s in seqs):
             return None  # the next schedule() preempts as it must
