@@ -57,6 +57,7 @@ WORKSPACE_BYTES = 256 << 20
 LSE_TILE = (2, 1024, 4)
 GRAD_TILE = (16, 512, 8)
 INTERPRETER_TILES = ((8, 32, 4), (16, 32, 4))
+SCALE_BLOCK = 4096  # elements per program of the in-place gradient scaling
 
 # Recent torch (2.11 on the GPU image, 2.13 here) multiplies bf16/fp16 into an fp32 result on CUDA:
 # torch.mm(..., out_dtype=torch.float32). Without it the similarities round to the inputs' dtype.
@@ -136,6 +137,23 @@ def _softmax_grad_kernel(S_ptr, labels_ptr, ids_ptr, label_ids_ptr, scale_ptr, l
     tl.store(out, (dlogits * scale).to(G_ptr.dtype.element_ty), mask=tile)
     if SCALE_GRAD:  # d logits / d s = cos; one partial per tile, summed on the host in a fixed order
         tl.store(ds_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(dlogits * cos, axis=1), axis=0))
+
+
+@jit
+def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    """x *= scale in place, skipped when scale == 1: loss.backward() hands 1, and then the gradients
+    computed in forward are final (no 2 x 537 MB pass at the 8192 x 57344 x 4096 target)."""
+    scale = tl.load(scale_ptr)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n)
+        tl.store(x_ptr + offs, (x.to(tl.float32) * scale).to(x.dtype), mask=offs < n)
+
+
+def _scale_(x: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor | None:
+    if x is not None:
+        _scale_kernel[(triton.cdiv(x.numel(), SCALE_BLOCK),)](x, scale, x.numel(), BLOCK=SCALE_BLOCK)
+    return x
 
 
 def _tiles() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -237,9 +255,9 @@ class InfoNCEFunction(torch.autograd.Function):
             )
         dq, dd, dscale = ctx.grads
         ctx.grads = None
-        # in place: these tensors become the .grad of the inputs; grad_loss is 1 after loss.backward()
-        return (dq.mul_(grad_loss) if dq is not None else None, dd.mul_(grad_loss) if dd is not None else None,
-                None, dscale * grad_loss if dscale is not None else None, None, None)
+        g = grad_loss.detach().float().reshape(1).contiguous()
+        # in place: these tensors become the .grad of the inputs
+        return (_scale_(dq, g), _scale_(dd, g), None, dscale * grad_loss if dscale is not None else None, None, None)
 
 
 def infonce_triton(q, d, labels, scale, document_ids=None):

@@ -179,6 +179,8 @@ for cap in (80, 90):
         # they stream B x N rows: 16-byte loads and stores, never scalar ones (as with n_cols unspecialized)
         assert len(re.findall(r"LDG\\.E\\.128", sass)) >= 4, f"{fn.__name__}: S is not read 16 bytes at a time"
         assert "STG.E.U16" not in sass, f"{fn.__name__}: G is stored one bf16 at a time"
+    sig = dict(x_ptr="*bf16", scale_ptr="*fp32", n="i32", BLOCK="constexpr")
+    triton.compile(ASTSource(k._scale_kernel, sig, constexprs=dict(BLOCK=k.SCALE_BLOCK)), target=GPUTarget("cuda", cap, 32))
 """
 
 
