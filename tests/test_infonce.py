@@ -185,8 +185,9 @@ for cap in (80, 90):
 
 
 def test_kernels_compile_for_gpus(tmp_path):
-    """The interpreter is lenient: compile both kernels to sm_80 / sm_90 cubins as the JIT specializes
-    them, no GPU needed, and (with the triton wheel's nvdisasm) check their memory accesses are vectorized."""
+    """The interpreter is lenient: compile the kernels to sm_80 / sm_90 cubins as the JIT specializes
+    them, no GPU needed, and (with the triton wheel's nvdisasm) check the two row kernels' memory accesses
+    are vectorized."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
