@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: the engine's)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="auto: the model's dtype; fp8: half the KV memory and traffic (GPU)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="launch each decode step before the previous one's tokens reach the host (GPU)")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
                    help=f"largest max_tokens a request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT}, "
                         "and never more than the context length)")
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                  kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed)
+                  kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
+                  async_scheduling=args.async_scheduling)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

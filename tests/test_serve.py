@@ -300,9 +300,36 @@ def test_concurrent_requests_share_a_batch(server, client, monkeypatch):
     assert max(batch_sizes) > 1, batch_sizes
 
 
+def test_async_scheduling_server_gives_the_same_answers(tiny_llama, client):
+    """A server whose engine launches decode steps ahead answers as the synchronous one, whole and streamed."""
+    llm = make_llm(tiny_llama[0], max_num_seqs=16, async_scheduling=True)
+    launched_ahead = []
+    real = llm.engine._launch_ahead
+
+    def launch_ahead(*args):
+        launched_ahead.append(real(*args))
+        return launched_ahead[-1]
+
+    llm.engine._launch_ahead = launch_ahead
+    with start_server(llm, served_model_name=MODEL, max_tokens_limit=MAX_TOKENS_LIMIT,
+                      max_request_bytes=MAX_REQUEST_BYTES) as running:
+        other = openai.OpenAI(base_url=running.url, api_key="anything", max_retries=0, timeout=60)
+        for params in (dict(temperature=1.0, seed=7, n=2, max_tokens=24), dict(temperature=0, max_tokens=20)):
+            expected = chat(client, **params)
+            got = chat(other, **params)
+            assert [(c.message.content, c.finish_reason) for c in got.choices] == \
+                   [(c.message.content, c.finish_reason) for c in expected.choices]
+            pieces = {c.index: [] for c in expected.choices}
+            for chunk in chat(other, stream=True, **params):
+                for choice in chunk.choices:
+                    pieces[choice.index].append(choice.delta.content or "")
+            assert {i: "".join(p) for i, p in pieces.items()} == {c.index: c.message.content for c in expected.choices}
+    assert any(launched_ahead)
+
+
 def test_cli_serves_with_the_env_api_key_and_stops_on_sigterm(tiny_llama):
     command = [sys.executable, "-m", "speedx.serve", "--model", str(tiny_llama[0]), "--port", "0", "--dtype", "float32",
-               "--kv-cache-memory", "8MiB", "--served-model-name", MODEL, "--log-level", "warning"]
+               "--kv-cache-memory", "8MiB", "--served-model-name", MODEL, "--log-level", "warning", "--async-scheduling"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=dict(os.environ, SPEEDX_API_KEY="k3y"))
     try:
         line = next(line for line in process.stderr if line.startswith("speedx: serving"))
