@@ -98,7 +98,7 @@ def _paged_attention_kernel(
     # Finite start: a row whose tile is all masked then gives exp2(-inf) = 0, never inf - inf.
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    if PV_TRANSPOSED:  # see attention_config: acc^T [head dims, rows] += V^T P^T
+    if PV_TRANSPOSED:  # acc^T [head dims, rows] += V^T P^T: see FP8_PV_TRANSPOSED
         acc = tl.zeros([HEAD_DIM_PAD, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
