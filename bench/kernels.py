@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from speedx.models.attention import leading_decodes
+
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, VOCAB = 32, 8, 128, 16, 128256
 DTYPE = torch.bfloat16
 
@@ -53,11 +55,6 @@ def paged_case(seqs, device="cuda", kv_dtype=DTYPE):
     cu[1:] = torch.tensor([q_len for q_len, _ in seqs], device=device).cumsum(0)
     kv_lens = torch.tensor([kv for _, kv in seqs], dtype=torch.int32, device=device)
     return q, k_cache, v_cache, table, cu, kv_lens
-
-
-def leading_decodes(seqs) -> int:
-    """How many sequences at the front have one query row (what the model runner passes as num_decodes)."""
-    return next((i for i, (q_len, _) in enumerate(seqs) if q_len != 1), len(seqs))
 
 
 def flash_attn_decode(seqs):
@@ -100,7 +97,7 @@ def attention_rows(peak: float) -> list[dict]:
         io_bytes = kv_bytes + 2 * q.numel() * q.element_size()
         flops = sum(4 * q_len * (kv - q_len / 2) * HEADS * HEAD_DIM for q_len, kv in seqs)  # causal QK^T + PV
         row = {"workload": name}
-        decodes = leading_decodes(seqs)
+        decodes = leading_decodes([q_len for q_len, _ in seqs])
         variants = [
             ("triton", lambda: paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, scale, num_decodes=decodes)),
             ("triton_no_split", lambda: paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, scale,
@@ -146,6 +143,7 @@ def prefill_tile_rows() -> list[dict]:
         for name, seqs in workloads.items():
             q, k_cache, v_cache, table, cu, kv_lens = paged_case(seqs)
             flops = sum(4 * q_len * (kv - q_len / 2) * HEADS * HEAD_DIM for q_len, kv in seqs)
+            decodes = leading_decodes([q_len for q_len, _ in seqs])
             row = {"workload": name}
             for block_m, block_n, warps, stages in PREFILL_TILES:
                 def config(dtype, head_dim, group, all_decode, kv_dtype=None, _m=block_m, _n=block_n, _w=warps, _s=stages):
@@ -157,7 +155,7 @@ def prefill_tile_rows() -> list[dict]:
                 label = f"m{block_m}_n{block_n}_w{warps}_s{stages}"
                 try:
                     ms = bench(lambda: A.paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, HEAD_DIM**-0.5,
-                                                                num_decodes=leading_decodes(seqs)))
+                                                                num_decodes=decodes))
                 except Exception as exc:  # e.g. out of shared memory: that shape is simply not a candidate
                     print(f"{label}: {type(exc).__name__}: {exc}"[:300])
                     continue

@@ -187,7 +187,7 @@ class LLMEngine:
         for i, (seq, count) in enumerate(zip(batch.sequences, batch.num_new_tokens)):
             if seq.is_finished:
                 continue
-            if count != 1 or seq.num_computed_tokens != seq.num_tokens - 1 or seq.pending_forks or seq.matcher:
+            if count != 1 or not seq.is_plain_decode or seq.matcher:
                 return None
             if seq.num_output_tokens + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
                 ending += 1

@@ -14,7 +14,7 @@ from speedx.engine.staging import Staging
 from speedx.engine.structured_output import GrammarMask
 from speedx.kernels.dispatch import use_triton
 from speedx.kernels.paged_attention import as_bytes
-from speedx.models.attention import AttentionMetadata
+from speedx.models.attention import AttentionMetadata, leading_decodes
 from speedx.models.llama import LlamaForCausalLM
 
 
@@ -64,7 +64,8 @@ class ModelRunner:
         seqs, counts = batch.sequences, batch.num_new_tokens
         ahead = int(follows is not None)  # a launched-ahead step: each sequence is one token further on
         starts = np.fromiter((s.num_computed_tokens + ahead for s in seqs), dtype=np.int64, count=len(seqs))
-        ends = starts + np.asarray(counts, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        ends = starts + counts
         num_tokens = int(ends.sum() - starts.sum())
         if follows is not None:  # its input tokens are still on the device: stage their row numbers instead
             input_ids = np.asarray(follows[1], dtype=np.int64)
@@ -89,10 +90,8 @@ class ModelRunner:
         )
         if follows is not None:
             ids = follows[0].tokens.index_select(0, ids)
-        one_row = np.asarray(counts) == 1
-        num_decodes = len(seqs) if one_row.all() else int(one_row.argmin())  # the scheduler puts decodes first
         meta = AttentionMetadata(slot_mapping=slots, cu_seqlens_q=cu, kv_lens=lens, block_tables=tables,
-                                 num_decodes=num_decodes)
+                                 num_decodes=leading_decodes(counts))  # the scheduler puts decodes first
         return ids, pos, meta, cu_seqlens
 
     @torch.inference_mode()
@@ -105,7 +104,7 @@ class ModelRunner:
         seqs = batch.sequences
         ahead = int(follows is not None)
         graphs = self.decode_graphs
-        if graphs and self._is_plain_decode(seqs) and graphs.fits(len(seqs), meta.block_tables.shape[1]):
+        if graphs and all(s.is_plain_decode for s in seqs) and graphs.fits(len(seqs), meta.block_tables.shape[1]):
             logits = graphs.run(input_ids, positions, meta.slot_mapping, meta.kv_lens, meta.block_tables)
             return PendingStep(len(seqs), None, self._sample(logits, [(s, 0) for s in seqs], ahead))
         hidden = self.model(input_ids, positions, meta)
@@ -121,11 +120,6 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
         tokens = self._sample(logits, [(batch.sequences[i], sample) for i, sample in rows_of], ahead)
         return PendingStep(len(seqs), rows_of, tokens)
-
-    @staticmethod
-    def _is_plain_decode(seqs: list[Sequence]) -> bool:
-        """Every sequence feeds its one newest token and samples one token (what the graphs run)."""
-        return all(s.num_computed_tokens == s.num_tokens - 1 and not s.pending_forks for s in seqs)
 
     def _sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]], ahead: int = 0) -> torch.Tensor:
         """ahead: tokens each sequence has beyond its token_ids (1 in a launched-ahead step)."""

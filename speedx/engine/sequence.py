@@ -88,6 +88,11 @@ class Sequence:
             return 0
         return n - 1
 
+    @property
+    def is_plain_decode(self) -> bool:
+        """It feeds its one newest token and samples one token (what a CUDA-graph decode step runs)."""
+        return self.num_computed_tokens == self.num_tokens - 1 and not self.pending_forks
+
     def fork(self, sample_index: int) -> "Sequence":
         return Sequence(
             request=self.request,

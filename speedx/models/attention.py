@@ -23,6 +23,11 @@ class AttentionMetadata:
     # launches them on its decode tile, apart from the prompt chunks (0: unknown, one launch)
 
 
+def leading_decodes(q_lens) -> int:
+    """How many sequences at the front of a step have one query row (AttentionMetadata.num_decodes)."""
+    return next((i for i, q_len in enumerate(q_lens) if q_len != 1), len(q_lens))
+
+
 class PagedAttention(nn.Module):
     """Grouped-query attention with a fused QKV projection over the paged cache."""
 
