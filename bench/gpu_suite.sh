@@ -31,7 +31,11 @@ nvidia-smi -L || true
     || "$PY" -m pip install -q --no-build-isolation --no-deps -e . || { echo "!!! could not build speedx"; exit 1; }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
+# A randomly initialised Llama-3-8B-shaped checkpoint (16 GB of bf16, written once; see
+# bench/random_llama.py): the runs ignore EOS, so the text is noise but the compute is the 8B model's.
 MODEL_DIR=${MODEL_DIR:-/tmp/speedx-llama3-8b-random}
+M8B="$PY bench/throughput.py --model $MODEL_DIR --repeats 1 --max-num-batched-tokens 8192"
+GRID="--workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024"
 if [ -n "${QUICK:-}" ]; then
     step "$PY" -m pytest -q tests/test_infonce.py
     step "$PY" -m pytest -q -m gpu tests/test_triton_attention.py tests/test_triton_engine.py
@@ -39,12 +43,9 @@ if [ -n "${QUICK:-}" ]; then
     step "$PY" bench/infonce.py --batch 8192 --docs-per-query 7 --out "$RESULTS/infonce_target.json"
     step "$PY" bench/kernels.py --only attention prefill_tiles decode_tiles --out "$RESULTS/kernels_attention.json"
     [ -f "$MODEL_DIR/config.json" ] || step "$PY" bench/random_llama.py --shape llama3-8b "$MODEL_DIR"
-    step env SPEEDX_KERNELS=auto "$PY" bench/throughput.py --model "$MODEL_DIR" --repeats 1 --max-num-batched-tokens 8192 \
-        --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 --skip-hf --kv-cache-dtype fp8 \
-        --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
-    step env SPEEDX_KERNELS=auto "$PY" bench/throughput.py --model "$MODEL_DIR" --repeats 1 --max-num-batched-tokens 8192 \
-        --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 --skip-hf --kv-cache-dtype fp8 \
-        --async-scheduling --out "$RESULTS/throughput_8b_1024x1024_fp8kv_async.json"
+    step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
+    step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --async-scheduling \
+        --out "$RESULTS/throughput_8b_1024x1024_fp8kv_async.json"
     echo; echo "results in $RESULTS/ (exit status $status)"
     exit $status
 fi
@@ -70,22 +71,18 @@ if "$PY" -c "from speedx.models.default_model import default_model_path; default
     step env SPEEDX_KERNELS=torch "$PY" bench/throughput.py --skip-hf --out "$RESULTS/throughput_gpu_default_torch.json"
 fi
 
-# 4. A randomly initialised Llama-3-8B-shaped checkpoint (16 GB of bf16, written once; see
-#    bench/random_llama.py): the runs ignore EOS, so the text is noise but the compute is the 8B model's.
+# 4. The 8B-shaped model (MODEL_DIR above).
 if [ -z "${SKIP_8B:-}" ]; then
     [ -f "$MODEL_DIR/config.json" ] || step "$PY" bench/random_llama.py --shape llama3-8b "$MODEL_DIR"
-    M8B="$PY bench/throughput.py --model $MODEL_DIR --repeats 1 --max-num-batched-tokens 8192"
     # nano-vllm's workload: 1,000 prompts, input and output lengths drawn from 100-1024, EOS ignored.
     step env SPEEDX_KERNELS=auto $M8B --workload random --num-prompts 1000 --out "$RESULTS/throughput_8b_random.json"
     # The fixed 1024-in / 1024-out grid, with transformers.generate timed on 16 of the prompts.
-    step env SPEEDX_KERNELS=auto $M8B --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 \
-        --hf-num-prompts 16 --out "$RESULTS/throughput_8b_1024x1024.json"
+    step env SPEEDX_KERNELS=auto $M8B $GRID --hf-num-prompts 16 --out "$RESULTS/throughput_8b_1024x1024.json"
     # The same grid with the fp8 KV cache (half the KV bytes: all 256 sequences fit on an H100), then
     # with async scheduling (decode steps launched a step ahead).
-    step env SPEEDX_KERNELS=auto $M8B --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 --skip-hf \
-        --kv-cache-dtype fp8 --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
-    step env SPEEDX_KERNELS=auto $M8B --workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024 --skip-hf \
-        --kv-cache-dtype fp8 --async-scheduling --out "$RESULTS/throughput_8b_1024x1024_fp8kv_async.json"
+    step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
+    step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --async-scheduling \
+        --out "$RESULTS/throughput_8b_1024x1024_fp8kv_async.json"
     # Where the grid's time goes: device span vs host time per kind of step, and the top kernels.
     step env SPEEDX_KERNELS=auto "$PY" bench/step_profile.py --model "$MODEL_DIR" --workload fixed \
         --out "$RESULTS/step_profile_8b_1024x1024.json"
