@@ -196,16 +196,16 @@ def decode_tile_rows(peak: float) -> list[dict]:
                 q, k_cache, v_cache, table, cu, kv_lens = paged_case(seqs, kv_dtype=kv_dtype)
                 io_bytes = sum(kv for _, kv in seqs) * KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()
                 row = {"workload": f"{name}, {str(kv_dtype).split('.')[1]} KV"}
-                for block_n, warps, stages, fp16, pv_t, rows in DECODE_TILES:
+                for block_n, warps, stages, fp16, pv_t, group_pad in DECODE_TILES:
                     if fp16 and kv_dtype == DTYPE:  # fp16 dots are for fp8 caches only (a bf16 one may overflow fp16)
                         continue
                     def config(dtype, head_dim, group, all_decode, kv_dtype=None, _n=block_n, _w=warps, _s=stages,
-                               _f=fp16, _t=pv_t, _r=rows):
+                               _f=fp16, _t=pv_t, _r=group_pad):
                         return shipped(dtype, head_dim, group, all_decode, kv_dtype) | dict(
                             BLOCK_N=_n, num_warps=_w, num_stages=_s, FP16_DOTS=_f, PV_TRANSPOSED=_t, GROUP_PAD=_r)
                     A.attention_config = config
                     label = (f"n{block_n}_w{warps}_s{stages}" + ("_fp16dots" if fp16 else "") + ("_pvT" if pv_t else "")
-                             + (f"_rows{rows}" if rows != 16 else ""))
+                             + (f"_rows{group_pad}" if group_pad != 16 else ""))
                     try:
                         ms = bench(lambda: A.paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens,
                                                                     HEAD_DIM**-0.5, num_splits=1))

@@ -283,7 +283,8 @@ def _init_gloo(rank, world, path):
 def test_gather_single_process_equals_local(request, tmp_path, backend):
     if backend == "triton":
         request.getfixturevalue("fused")  # skips without triton (or without its interpreter on CPU)
-    q, d, labels, ids = make_batch(11, 2, 16, "grouped", True)
+    # On a CUDA machine the batch is on the GPU (the Triton path needs it there; gloo gathers CUDA tensors).
+    q, d, labels, ids = (t.to(DEVICE) for t in make_batch(11, 2, 16, "grouped", True))
     dist = _init_gloo(0, 1, tmp_path / "store")
     try:
         gathered = loss_and_grads_gather(q, d, labels, ids, gather=True, backend=backend)
@@ -294,7 +295,7 @@ def test_gather_single_process_equals_local(request, tmp_path, backend):
 
 def loss_and_grads_gather(q, d, labels, ids, gather, backend="torch"):
     q, d = q.clone().requires_grad_(), d.clone().requires_grad_()
-    s = torch.tensor(30.0, requires_grad=True)
+    s = torch.tensor(30.0, device=q.device, requires_grad=True)
     loss = infonce_loss(q, d, labels, scale=s, backend=backend, document_ids=ids, gather_across_processes=gather)
     loss.backward()
     return loss.detach(), q.grad, d.grad, s.grad
