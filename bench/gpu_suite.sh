@@ -8,15 +8,13 @@
 #   bash bench/gpu_suite.sh                 # everything
 #   SKIP_8B=1 bash bench/gpu_suite.sh       # without the Llama-3-8B-shaped throughput runs
 #   SKIP_TESTS=1 SKIP_KERNELS=1 ...         # without the GPU tests / the kernel benchmarks
-#   QUICK=1 bash bench/gpu_suite.sh         # the headline numbers only, in one call: the GPU tests of the
-#                                           # attention and InfoNCE kernels, the InfoNCE target shape, the
-#                                           # attention benchmarks (mixed steps both ways, prefill and decode
-#                                           # tile sweeps, the FP8_PV_TRANSPOSED candidate among them) and
-#                                           # the 8B 1024/1024 grid with the fp8 KV cache, without and
-#                                           # with async scheduling
-# Everything takes about 12 minutes on an H100/H200 (summed from its parts run on 2026-11-26; the
-# 8B runs are most of it): under a 10-minute limit per command, run it in two calls (SKIP_8B=1,
-# then SKIP_TESTS=1 SKIP_KERNELS=1). QUICK=1 is meant to fit one such call (not yet timed).
+#   QUICK=1 bash bench/gpu_suite.sh         # the headline numbers only: the GPU tests of the attention and
+#                                           # InfoNCE kernels and of async scheduling, the InfoNCE target
+#                                           # shape, the 8B 1024/1024 grid with the fp8 KV cache without and
+#                                           # with async scheduling, the attention benchmarks and tile sweeps
+# Everything takes about 12 minutes on an H100/H200 (summed from its parts; the 8B runs are most of
+# it): under a 10-minute limit per command, run it in two calls (SKIP_8B=1, then SKIP_TESTS=1
+# SKIP_KERNELS=1). QUICK=1 took about 6 minutes on an H200 (2026-11-26), the 8B model built included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

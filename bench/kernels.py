@@ -167,19 +167,12 @@ def prefill_tile_rows() -> list[dict]:
     return rows
 
 
-DECODE_TILES = [  # (keys per tile, warps, pipeline stages, fp16 dots, P V transposed, query rows). Shipped
-    # (attention_config): 64, 4, 2 for a bf16 cache, 128, 4, 3 with fp16 dots for fp8, the GQA group padded to
-    # 16 rows; 64, 8, 2 was the decode tile before 2026-11-26. P V transposed: the FP8_PV_TRANSPOSED candidate
-    # (kernels/triton_attention.py). 64 query rows over an fp8 cache: 4x the MMA work of 16 (Llama-3-8B's group
-    # is 4), but in the sm_90 SASS Triton then runs both dots on wgmma with K and V through the cp.async pipeline
-    # and no byte-wise shared loads (with 16 rows: 128 LDS.U8 per thread per tile; nvdisasm, 2026-11-26).
-    (64, 8, 2, False, False, 16), (64, 4, 2, False, False, 16), (64, 4, 3, False, False, 16),
-    (128, 4, 2, False, False, 16), (128, 4, 3, False, False, 16), (128, 8, 2, False, False, 16),
-    (64, 8, 2, True, False, 16), (64, 4, 3, True, False, 16), (128, 4, 2, True, False, 16), (128, 4, 3, True, False, 16),
-    (128, 8, 2, True, False, 16), (128, 4, 4, True, False, 16), (256, 4, 3, True, False, 16),
-    (64, 4, 3, True, True, 16), (128, 4, 2, True, True, 16), (128, 4, 3, True, True, 16), (128, 8, 2, True, True, 16),
-    (256, 4, 3, True, True, 16), (64, 4, 3, True, False, 64), (128, 4, 2, True, False, 64),
-    (128, 4, 3, True, False, 64), (128, 8, 2, True, False, 64), (128, 4, 3, True, False, 32),
+DECODE_TILES = [  # (keys per tile, warps, pipeline stages, fp16 dots). Shipped (attention_config): 64, 4, 2 for
+    # a bf16 cache, 128, 4, 3 with fp16 dots for fp8; 64, 8, 2 was the decode tile before 2026-11-26. P V computed
+    # transposed and the group padded to 32 or 64 rows were swept on 2026-11-26 and lost (attention_config's note).
+    (64, 8, 2, False), (64, 4, 2, False), (64, 4, 3, False), (128, 4, 2, False), (128, 4, 3, False), (128, 8, 2, False),
+    (64, 8, 2, True), (64, 4, 3, True), (128, 4, 2, True), (128, 4, 3, True), (128, 8, 2, True), (128, 4, 4, True),
+    (256, 4, 3, True),
 ]
 
 
@@ -196,16 +189,15 @@ def decode_tile_rows(peak: float) -> list[dict]:
                 q, k_cache, v_cache, table, cu, kv_lens = paged_case(seqs, kv_dtype=kv_dtype)
                 io_bytes = sum(kv for _, kv in seqs) * KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()
                 row = {"workload": f"{name}, {str(kv_dtype).split('.')[1]} KV"}
-                for block_n, warps, stages, fp16, pv_t, group_pad in DECODE_TILES:
+                for block_n, warps, stages, fp16 in DECODE_TILES:
                     if fp16 and kv_dtype == DTYPE:  # fp16 dots are for fp8 caches only (a bf16 one may overflow fp16)
                         continue
                     def config(dtype, head_dim, group, all_decode, kv_dtype=None, _n=block_n, _w=warps, _s=stages,
-                               _f=fp16, _t=pv_t, _r=group_pad):
+                               _f=fp16):
                         return shipped(dtype, head_dim, group, all_decode, kv_dtype) | dict(
-                            BLOCK_N=_n, num_warps=_w, num_stages=_s, FP16_DOTS=_f, PV_TRANSPOSED=_t, GROUP_PAD=_r)
+                            BLOCK_N=_n, num_warps=_w, num_stages=_s, FP16_DOTS=_f)
                     A.attention_config = config
-                    label = (f"n{block_n}_w{warps}_s{stages}" + ("_fp16dots" if fp16 else "") + ("_pvT" if pv_t else "")
-                             + (f"_rows{group_pad}" if group_pad != 16 else ""))
+                    label = f"n{block_n}_w{warps}_s{stages}" + ("_fp16dots" if fp16 else "")
                     try:
                         ms = bench(lambda: A.paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens,
                                                                     HEAD_DIM**-0.5, num_splits=1))

@@ -39,7 +39,6 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     ALL_DECODE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP16_DOTS: tl.constexpr,
-    PV_TRANSPOSED: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     # first_q_block: cu_seqlens_q[0] // BLOCK_Q when the sequences are the tail of a batch (their
@@ -98,10 +97,7 @@ def _paged_attention_kernel(
     # Finite start: a row whose tile is all masked then gives exp2(-inf) = 0, never inf - inf.
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    if PV_TRANSPOSED:  # acc^T [head dims, rows] += V^T P^T: see FP8_PV_TRANSPOSED
-        acc = tl.zeros([HEAD_DIM_PAD, BLOCK_M], tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(tile_begin, tile_end):
@@ -121,13 +117,8 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_off = blk * stride_vb + slot * stride_vs + kv_head * stride_vh
         v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(dot_dtype)
-        if PV_TRANSPOSED:
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), tl.trans(p.to(dot_dtype)), input_precision=DOT_PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    if PV_TRANSPOSED:
-        acc = tl.trans(acc)  # once per program, back to [rows, head dims]
 
     if SPLIT:
         # Normalised partial output + its log2-sum-exp; an empty split writes zeros and -inf.
@@ -178,17 +169,6 @@ def choose_num_splits(device: torch.device, programs: int, max_kv_len: int) -> i
     return 1 if splits < 2 else 1 << (splits.bit_length() - 1)
 
 
-# P V as acc^T += V^T P^T over an fp8 cache: a candidate, off until a GPU measures it faster
-# (bench/kernels.py --only decode_tiles times both). V's tile has the head dims contiguous, so as
-# P V's second operand its reduction axis (keys) is strided, and ldmatrix cannot transpose 8-bit
-# values: the sm_90 SASS of the fp8 decode kernel reads V from shared memory one byte per
-# instruction (128 LDS.U8 per thread per tile; nvdisasm, 2026-11-26). As the first operand the tile
-# is widened in registers and fed to wgmma with no byte loads, but V then skips the cp.async
-# pipeline (plain LDG.128, plus byte permutes). The lasting fix may be a cache layout with V's keys
-# contiguous.
-FP8_PV_TRANSPOSED = False
-
-
 def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: bool,
                      kv_dtype: torch.dtype | None = None) -> dict:
     """Tile constexprs + launch options for queries of `dtype` over a cache of `kv_dtype` (default:
@@ -199,7 +179,11 @@ def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: 
     dots in fp16. H200, 2026-11-26 (bench/kernels.py decode_tiles, share of copy bandwidth at
     256 x 1536 / 64 x 1024): bf16 1.02 / 0.82 with 4 warps against 0.90 / 0.62 with 8; fp8
     0.63 / 0.51 against 0.36 / 0.32 for the bf16 tile.
-    PV_TRANSPOSED (fp8 caches, while FP8_PV_TRANSPOSED is on): see FP8_PV_TRANSPOSED."""
+    Measured and rejected for the fp8 decode tile (H200, 2026-11-26, 8B 1024/1024 grid with async
+    scheduling, 10,602 output tok/s as shipped): P V computed transposed (acc^T += V^T P^T, which
+    avoids byte-wise shared loads of V but takes V out of the cp.async pipeline) 9,374 tok/s and
+    0.56 of copy bandwidth at 256 x 1536; the group padded to 64 rows (both dots on wgmma) 9,133 tok/s
+    and 0.51. A 128-token prefill tile (1.7x the TFLOP/s on fresh prompts) gave 9,857 tok/s."""
     head_dim_pad = triton.next_power_of_2(head_dim)
     wide = dtype != torch.float32 and head_dim_pad <= 128
     fp8_cache = kv_dtype is not None and kv_dtype.itemsize == 1
@@ -216,7 +200,6 @@ def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: 
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, ALL_DECODE=all_decode,
         DOT_PRECISION="ieee" if dtype == torch.float32 else None,  # fp32 caches: no TF32 rounding
         FP16_DOTS=fp8_cache and dtype != torch.float32,
-        PV_TRANSPOSED=fp8_cache and FP8_PV_TRANSPOSED,
         num_warps=num_warps, num_stages=num_stages,
     )
 

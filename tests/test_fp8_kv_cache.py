@@ -50,30 +50,21 @@ def check_triton_attention_fp8(seqs, device, q_dtype, num_splits):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("pv_transposed", [False, True], ids=["pv", "pv-transposed"])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-fp16-dots"])
 @pytest.mark.parametrize("decode", [False, True], ids=["mixed", "decode-split"])
-def test_triton_attention_reads_fp8_cache(monkeypatch, decode, q_dtype, pv_transposed):
-    """16-bit queries over an fp8 cache dot in fp16 (FP16_DOTS): within bf16 rounding of the twin,
-    with P V as it is or transposed (the FP8_PV_TRANSPOSED candidate)."""
+def test_triton_attention_reads_fp8_cache(decode, q_dtype):
+    """16-bit queries over an fp8 cache dot in fp16 (FP16_DOTS): within bf16 rounding of the twin."""
     from test_triton_attention import DECODE, MIXED
 
-    from speedx.kernels import triton_attention
-
-    monkeypatch.setattr(triton_attention, "FP8_PV_TRANSPOSED", pv_transposed)
     check_triton_attention_fp8(DECODE if decode else MIXED, "cpu", q_dtype, 3 if decode else 1)
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("pv_transposed", [False, True], ids=["pv", "pv-transposed"])
 @pytest.mark.parametrize("decode", [False, True], ids=["mixed", "decode-split"])
-def test_gpu_triton_attention_reads_fp8_cache(monkeypatch, decode, pv_transposed):
+def test_gpu_triton_attention_reads_fp8_cache(decode):
     from test_triton_attention import DECODE, MIXED
 
-    from speedx.kernels import triton_attention
-
-    monkeypatch.setattr(triton_attention, "FP8_PV_TRANSPOSED", pv_transposed)
     check_triton_attention_fp8(DECODE if decode else MIXED, "cuda", torch.bfloat16, 0 if decode else 1)
 
 

@@ -22,7 +22,7 @@ def compile_for(cap, fn, types, consts, num_warps=4, num_stages=2):
     options = dict(num_warps=num_warps, num_stages=num_stages)
     triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", cap, 32), options=options)
 
-def attention(cap, dtype, head_dim, group, all_decode, split, cache="same", pv_transposed=False):
+def attention(cap, dtype, head_dim, group, all_decode, split, cache="same"):
     dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     types = {n: f"*{dt}" for n in ("out_ptr", "q_ptr")}
     types.update({n: f"*{dt if cache == 'same' else cache}" for n in ("k_cache_ptr", "v_cache_ptr")})
@@ -30,7 +30,6 @@ def attention(cap, dtype, head_dim, group, all_decode, split, cache="same", pv_t
                  part_lse_ptr="*fp32", scale_log2="fp32", stride_kb="i64", stride_vb="i64")
     config = A.attention_config(dtype, head_dim, group, all_decode, torch.float8_e4m3fn if cache == "fp8e4nv" else None)
     options = dict(num_warps=config.pop("num_warps"), num_stages=config.pop("num_stages"))
-    config["PV_TRANSPOSED"] = config["PV_TRANSPOSED"] or pv_transposed
     consts = dict(config, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=16, SPLIT=split)
     compile_for(cap, A._paged_attention_kernel, types, consts, **options)
 
@@ -42,8 +41,6 @@ for cap in (90, 80):
     attention(cap, torch.bfloat16, 128, 4, True, False)
     attention(cap, torch.bfloat16, 128, 4, False, False, cache="fp8e4nv")  # kv_cache_dtype="fp8" (sm_89+)
     attention(cap, torch.bfloat16, 128, 4, True, True, cache="fp8e4nv")
-    attention(cap, torch.bfloat16, 128, 4, True, False, cache="fp8e4nv", pv_transposed=True)  # the candidate
-    attention(cap, torch.bfloat16, 128, 4, False, False, cache="fp8e4nv", pv_transposed=True)
     compile_for(cap, L._rope_and_store_kernel, {n: "*bf16" for n in ("q_out_ptr", "qkv_ptr")}
                 | {n: "*fp8e4nv" for n in ("k_cache_ptr", "v_cache_ptr")}
                 | dict(positions_ptr="*i64", slot_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", stride_kcb="i64", stride_vcb="i64"),
