@@ -160,7 +160,7 @@ def main() -> None:
     args = parser.parse_args()
 
     llm = LLM(args.model, dtype="bfloat16", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, async_scheduling=False)  # steps one at a time: each span is its own
     prompts, output_lens = make_workload(args, llm)
     bandwidth, flops = measure_ceilings()
     model = llm.engine.runner.model

@@ -190,7 +190,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
-    parser.add_argument("--async-scheduling", action="store_true", help="launch decode steps a step ahead")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="launch decode steps a step ahead (default: the engine's, on for a GPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", default="bench/results/throughput.json")
@@ -199,7 +200,7 @@ def main() -> None:
     llm = LLM(args.model, dtype=args.dtype, enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype,
               async_scheduling=args.async_scheduling)
-    device = str(llm.device)
+    device, async_scheduling = str(llm.device), llm.engine.async_scheduling
     prompts, output_lens = make_workload(args, llm)
     total_out = sum(output_lens)
     print(f"{args.workload}: {args.num_prompts} prompts, {sum(map(len, prompts))} tokens in, {total_out} out, "
@@ -238,7 +239,7 @@ def main() -> None:
         "device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
         "workload": args.workload, "num_prompts": args.num_prompts, "input_tokens": sum(map(len, prompts)),
         "output_tokens": total_out, "temperature": args.temperature, "top_p": args.top_p, "kv_cache_dtype": args.kv_cache_dtype, "cuda_graphs": not args.enforce_eager,
-        "async_scheduling": args.async_scheduling, "contenders": {},
+        "async_scheduling": async_scheduling, "contenders": {},
     }
     print(f"{'engine':<14}{'median s':>10}{'out tok/s':>12}")
     for name, times in results.items():

@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: the engine's)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="auto: the model's dtype; fp8: half the KV memory and traffic (GPU)")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="launch each decode step before the previous one's tokens reach the host (GPU)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each decode step before the previous one's tokens reach the host "
+                        "(default: on for a GPU, off on CPU)")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
                    help=f"largest max_tokens a request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT}, "
                         "and never more than the context length)")

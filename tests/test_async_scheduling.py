@@ -53,8 +53,8 @@ def mixed_params(sync_llm, prompts):
 def test_same_outputs_as_sync(tiny_llama, llm_kwargs):
     path, _, tok = tiny_llama
     prompts = random_prompts(len(tok), [5, 9, 3, 12, 7, 4], seed=21)
-    params = mixed_params(make_llm(path, **llm_kwargs), prompts)
-    expected = outputs_of(make_llm(path, **llm_kwargs), prompts, params)  # unseeded requests: the same draws
+    params = mixed_params(make_llm(path, async_scheduling=False, **llm_kwargs), prompts)
+    expected = outputs_of(make_llm(path, async_scheduling=False, **llm_kwargs), prompts, params)  # unseeded requests: the same draws
     llm = make_llm(path, async_scheduling=True, **llm_kwargs)
     launches = spy_on_launches(llm)
     assert outputs_of(llm, prompts, params) == expected
@@ -68,7 +68,7 @@ def test_preemption_same_as_sync(tiny_llama):
     prompts = random_prompts(len(tok), [30, 12, 25, 7, 19, 28], seed=1)
     params = SamplingParams(temperature=0.0, max_tokens=24)
     kwargs = dict(kv_cache_memory=16 * 4 * llm_bytes_per_token(model))  # 16 blocks of 4 tokens
-    sync = make_llm(path, **kwargs)
+    sync = make_llm(path, async_scheduling=False, **kwargs)
     preempted = count_preemptions(sync)
     expected = outputs_of(sync, prompts, params)
     assert sum(preempted) > 0, "the pool was meant to run dry"
@@ -83,7 +83,7 @@ def test_abort_while_a_step_runs_ahead(tiny_llama):
     path, _, tok = tiny_llama
     prompts = random_prompts(len(tok), [6, 8, 5], seed=9)
     params = SamplingParams(temperature=0.0, max_tokens=10)
-    expected = outputs_of(make_llm(path), [prompts[0], prompts[2]], params)
+    expected = outputs_of(make_llm(path, async_scheduling=False), [prompts[0], prompts[2]], params)
     engine = make_llm(path, async_scheduling=True).engine
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params)
@@ -96,3 +96,10 @@ def test_abort_while_a_step_runs_ahead(tiny_llama):
     got = [[(s.token_ids, s.finish_reason, s.stop_reason, s.text) for s in done[i].outputs] for i in ("0", "2")]
     assert got == expected
     assert "1" not in done
+
+
+def test_on_by_default_on_a_gpu_only(tiny_llama):
+    """As vLLM: on where decode steps are short enough for host work to matter (CUDA), off on CPU."""
+    llm = make_llm(tiny_llama[0])
+    assert llm.engine.async_scheduling == (llm.device.type == "cuda")
+    assert make_llm(tiny_llama[0], async_scheduling=True).engine.async_scheduling

@@ -30,7 +30,7 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 
 @pytest.fixture(scope="module")
 def server(tiny_llama):
-    llm = make_llm(tiny_llama[0], max_num_seqs=16)
+    llm = make_llm(tiny_llama[0], max_num_seqs=16, async_scheduling=False)  # the synchronous reference, on a GPU too
     with start_server(llm, served_model_name=MODEL, max_tokens_limit=MAX_TOKENS_LIMIT,
                       max_request_bytes=MAX_REQUEST_BYTES) as running:
         yield running
