@@ -10,11 +10,13 @@
 #   SKIP_TESTS=1 SKIP_KERNELS=1 ...         # without the GPU tests / the kernel benchmarks
 #   QUICK=1 bash bench/gpu_suite.sh         # the headline numbers only: the GPU tests of the attention and
 #                                           # InfoNCE kernels and of async scheduling, the InfoNCE target
-#                                           # shape, the 8B 1024/1024 grid with the fp8 KV cache with and
-#                                           # without async scheduling, the attention benchmarks and tile sweeps
+#                                           # shape, the 8B 1024/1024 grid with the fp8 KV cache (also with V's
+#                                           # keys contiguous, and without async scheduling), the attention
+#                                           # benchmarks and tile sweeps
 # Everything takes about 12 minutes on an H100/H200 (summed from its parts; the 8B runs are most of
 # it): under a 10-minute limit per command, run it in two calls (SKIP_8B=1, then SKIP_TESTS=1
-# SKIP_KERNELS=1). QUICK=1 took about 6 minutes on an H200 (2026-11-26), the 8B model built included.
+# SKIP_KERNELS=1). QUICK=1 took about 6 minutes on an H200 (2026-11-26), the 8B model built included,
+# before the V layout run was added (about 1 minute more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -34,6 +36,7 @@ nvidia-smi -L || true
 MODEL_DIR=${MODEL_DIR:-/tmp/speedx-llama3-8b-random}
 M8B="$PY bench/throughput.py --model $MODEL_DIR --repeats 1 --max-num-batched-tokens 8192"
 GRID="--workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024"
+V_KEYS=speedx.engine.model_runner.FP8_V_KEYS_CONTIGUOUS=True  # the fp8 V layout candidate, A/B
 if [ -n "${QUICK:-}" ]; then
     # Ordered so that a run cut short by a time limit still has the headline numbers.
     step "$PY" -m pytest -q -x tests/test_infonce.py
@@ -42,6 +45,8 @@ if [ -n "${QUICK:-}" ]; then
     step "$PY" bench/infonce.py --batch 8192 --docs-per-query 7 --out "$RESULTS/infonce_target.json"
     [ -f "$MODEL_DIR/config.json" ] || step "$PY" bench/random_llama.py --shape llama3-8b "$MODEL_DIR"
     step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
+    step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --set $V_KEYS \
+        --out "$RESULTS/throughput_8b_1024x1024_fp8kv_vkeys.json"
     step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --no-async-scheduling \
         --out "$RESULTS/throughput_8b_1024x1024_fp8kv_sync.json"
     step "$PY" bench/kernels.py --only attention prefill_tiles decode_tiles --out "$RESULTS/kernels_attention.json"
@@ -80,6 +85,8 @@ if [ -z "${SKIP_8B:-}" ]; then
     # The same grid with the fp8 KV cache (half the KV bytes: all 256 sequences fit on an H100), then
     # without async scheduling (on a GPU decode steps are launched a step ahead by default).
     step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
+    step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --set $V_KEYS \
+        --out "$RESULTS/throughput_8b_1024x1024_fp8kv_vkeys.json"
     step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --no-async-scheduling \
         --out "$RESULTS/throughput_8b_1024x1024_fp8kv_sync.json"
     # Where the grid's time goes: device span vs host time per kind of step, and the top kernels.

@@ -178,17 +178,20 @@ DECODE_TILES = [  # (keys per tile, warps, pipeline stages, fp16 dots). Shipped 
 
 def decode_tile_rows(peak: float) -> list[dict]:
     """Share of copy bandwidth of the decode attention kernel under other tiles than attention_config's
-    (the first entry is the decode tile before 2026-11-26), with a bf16 and an fp8 KV cache: an offline sweep."""
+    (the first entry is the decode tile before 2026-11-26), with a bf16 and an fp8 KV cache, the fp8 one
+    also with V's keys contiguous (model_runner.FP8_V_KEYS_CONTIGUOUS): an offline sweep."""
     from speedx.kernels import triton_attention as A
 
     shipped = A.attention_config
     rows = []
     try:
-        for kv_dtype in (DTYPE, torch.float8_e4m3fn):
+        for kv_dtype, v_keys in ((DTYPE, False), (torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True)):
             for name, seqs in {"decode 256 x 1536": [(1, 1536)] * 256, "decode 64 x 1024": [(1, 1024)] * 64}.items():
                 q, k_cache, v_cache, table, cu, kv_lens = paged_case(seqs, kv_dtype=kv_dtype)
+                if v_keys:  # the same values, each head's keys contiguous
+                    v_cache = v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
                 io_bytes = sum(kv for _, kv in seqs) * KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()
-                row = {"workload": f"{name}, {str(kv_dtype).split('.')[1]} KV"}
+                row = {"workload": f"{name}, {str(kv_dtype).split('.')[1]} KV" + (", V keys contiguous" if v_keys else "")}
                 for block_n, warps, stages, fp16 in DECODE_TILES:
                     if fp16 and kv_dtype == DTYPE:  # fp16 dots are for fp8 caches only (a bf16 one may overflow fp16)
                         continue

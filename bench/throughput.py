@@ -18,6 +18,8 @@ FLOP/s, all at the measured copy bandwidth / matmul rate) over the measured time
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import json
 import os
 import platform
@@ -172,6 +174,20 @@ def time_vllm(model_path, prompts, output_len: int, dtype: str, repeats: int) ->
     return times[1:]
 
 
+def set_module_constant(assignment: str) -> None:
+    """--set MODULE.NAME=VALUE: a module-level switch flipped before the engine is built (A/B runs)."""
+    target, _, value = assignment.partition("=")
+    module_name, _, name = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+        parsed = ast.literal_eval(value)
+    except (ImportError, ValueError, SyntaxError) as exc:
+        raise SystemExit(f"--set {assignment}: expected MODULE.NAME=PYTHON_LITERAL ({exc})") from None
+    if not hasattr(module, name):
+        raise SystemExit(f"--set {assignment}: {module_name} has no {name}")
+    setattr(module, name, parsed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -192,10 +208,14 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="launch decode steps a step ahead (default: the engine's, on for a GPU)")
+    parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                        help="flip a module constant first, e.g. speedx.engine.model_runner.FP8_V_KEYS_CONTIGUOUS=True")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", default="bench/results/throughput.json")
     args = parser.parse_args()
+    for assignment in args.set:
+        set_module_constant(assignment)
 
     llm = LLM(args.model, dtype=args.dtype, enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype,
@@ -239,7 +259,7 @@ def main() -> None:
         "device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
         "workload": args.workload, "num_prompts": args.num_prompts, "input_tokens": sum(map(len, prompts)),
         "output_tokens": total_out, "temperature": args.temperature, "top_p": args.top_p, "kv_cache_dtype": args.kv_cache_dtype, "cuda_graphs": not args.enforce_eager,
-        "async_scheduling": async_scheduling, "contenders": {},
+        "async_scheduling": async_scheduling, "set": args.set, "contenders": {},
     }
     print(f"{'engine':<14}{'median s':>10}{'out tok/s':>12}")
     for name, times in results.items():

@@ -27,9 +27,9 @@ def store_kvcache_torch(
     if slot_mapping.numel() and bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    for rows, cache in ((k, k_cache), (v, v_cache)):
-        as_bytes(cache).view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, as_bytes(rows.to(cache.dtype)))
+    block, offset = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
+    for rows, cache in ((k, k_cache), (v, v_cache)):  # any strides (a V cache may hold keys contiguous)
+        as_bytes(cache)[block, offset] = as_bytes(rows.to(cache.dtype))
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:

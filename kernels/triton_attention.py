@@ -35,10 +35,11 @@ def _paged_attention_kernel(
     part_out_ptr, part_lse_ptr,
     scale_log2, num_seqs, num_heads, num_splits, first_q_block,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     ALL_DECODE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP16_DOTS: tl.constexpr,
+    V_KEYS_CONTIGUOUS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     # first_q_block: cu_seqlens_q[0] // BLOCK_Q when the sequences are the tail of a batch (their
@@ -115,8 +116,13 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_off = blk * stride_vb + slot * stride_vs + kv_head * stride_vh
-        v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(dot_dtype)
+        if V_KEYS_CONTIGUOUS:
+            v = _load_v_keys_contiguous(v_cache_ptr, table, tile, kv_end, kv_head, d, d_ok, stride_vb, stride_vh,
+                                        stride_vd, BLOCK_SIZE, BLOCK_N, HEAD_DIM_PAD)
+        else:
+            v_off = blk * stride_vb + slot * stride_vs + kv_head * stride_vh
+            v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :] * stride_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = v.to(dot_dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -131,6 +137,28 @@ def _paged_attention_kernel(
         o = acc / l_i[:, None]
         out_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@jit
+def _load_v_keys_contiguous(v_cache_ptr, table, tile, kv_end, kv_head, d, d_ok, stride_vb, stride_vh, stride_vd,
+                            BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """A [BLOCK_N, head dims] V tile from a cache whose blocks hold each head's V transposed (the
+    BLOCK_SIZE keys of a head dim contiguous), whole cache blocks at a time. As P V's second operand
+    the keys are its reduction axis, so this is the layout ldmatrix reads without transposing, as
+    for K: with an fp8 cache and the head dims contiguous instead, the sm_90 SASS reads V from shared
+    memory one byte per instruction. Only whole blocks are masked (a per-key mask would split the
+    16-byte loads): keys of the sequence's last block past kv_end are read, and get p = 0. That is
+    exact while they are finite: the cache starts zeroed and the fp8 stores saturate (satfinite), so
+    only a NaN the model itself produced could get there."""
+    BLOCKS: tl.constexpr = BLOCK_N // BLOCK_SIZE
+    kb = tile * BLOCKS + tl.arange(0, BLOCKS)
+    kb_ok = kb * BLOCK_SIZE < kv_end
+    blk = tl.load(table + kb, mask=kb_ok, other=0).to(tl.int64)
+    keys = tl.arange(0, BLOCK_SIZE)
+    ptrs = (v_cache_ptr + (blk * stride_vb + kv_head * stride_vh)[:, None, None] + keys[None, :, None]
+            + d[None, None, :] * stride_vd)
+    v = tl.load(ptrs, mask=kb_ok[:, None, None] & d_ok[None, None, :], other=0.0)
+    return tl.reshape(v, [BLOCK_N, HEAD_DIM_PAD])
 
 
 @jit
@@ -150,6 +178,14 @@ def _merge_splits_kernel(
     res = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
     out_ptrs = out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + d
     tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def v_keys_contiguous(v_cache: torch.Tensor, block_n: int) -> bool:
+    """Whether V tiles of block_n keys are read whole cache blocks at a time (_load_v_keys_contiguous):
+    the cache's keys are contiguous (model_runner.FP8_V_KEYS_CONTIGUOUS) and a tile holds whole blocks.
+    Any other layout is read through its strides, key by key."""
+    block_size = v_cache.shape[1]
+    return v_cache.stride(1) == 1 and block_size > 1 and block_n % block_size == 0
 
 
 @functools.cache
@@ -226,7 +262,7 @@ def paged_attention_triton(
         return out
     if q.stride(-1) != 1:
         q = q.contiguous()
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
+    assert k_cache.stride(-1) == 1, "K cache rows must be contiguous"  # V: any strides (v_keys_contiguous)
     if num_tokens == num_seqs:  # one query row per sequence (each has at least one)
         num_decodes = num_seqs
     args = q, k_cache, v_cache, scale, out
@@ -278,7 +314,7 @@ def _launch(q, k_cache, v_cache, scale, out, block_tables, cu_seqlens_q, kv_lens
         scale * LOG2E, kv_lens.shape[0], q.shape[1], num_splits, first_q_block,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3), block_tables.stride(0),
         HEAD_DIM=q.shape[2], HEAD_DIM_PAD=triton.next_power_of_2(q.shape[2]), BLOCK_SIZE=k_cache.shape[1],
-        SPLIT=num_splits > 1, **config,
+        SPLIT=num_splits > 1, V_KEYS_CONTIGUOUS=v_keys_contiguous(v_cache, config["BLOCK_N"]), **config,
     )

@@ -18,7 +18,7 @@ import triton.language as tl  # noqa: E402
 def _store_kvcache_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -35,7 +35,8 @@ def _store_kvcache_kernel(
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
     cache_dtype = k_cache_ptr.dtype.element_ty  # the rows' own dtype, or fp8
     tl.store(k_cache_ptr + blk * stride_kcb + row * stride_kcs + h * stride_kch + d, k.to(cache_dtype), mask=mask)
-    tl.store(v_cache_ptr + blk * stride_vcb + row * stride_vcs + h * stride_vch + d, v.to(cache_dtype), mask=mask)
+    # V's head dims may be strided: a cache with each head's keys contiguous (model_runner.FP8_V_KEYS_CONTIGUOUS)
+    tl.store(v_cache_ptr + blk * stride_vcb + row * stride_vcs + h * stride_vch + d * stride_vcd, v.to(cache_dtype), mask=mask)
 
 
 def store_kvcache_triton(
@@ -50,11 +51,11 @@ def store_kvcache_triton(
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
+    assert k_cache.stride(-1) == 1, "K cache rows must be contiguous"
     _store_kvcache_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1],
     )

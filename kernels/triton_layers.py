@@ -98,7 +98,8 @@ def _rotate(x1, x2, cos1, cos2, sin1, sin2, dtype: tl.constexpr):
 @jit
 def _rope_and_store_kernel(
     q_out_ptr, k_cache_ptr, v_cache_ptr, qkv_ptr, positions_ptr, slot_ptr, cos_ptr, sin_ptr,
-    stride_qkv, stride_qo, stride_qh, stride_table, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_qkv, stride_qo, stride_qh, stride_table, stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch, stride_vcd,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
@@ -140,8 +141,9 @@ def _rope_and_store_kernel(
         tl.store(k_dst + HALF + d, k2.to(cache_dtype), mask=kv_mask)
         v_src = row + (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM + kh * HEAD_DIM
         v_dst = v_cache_ptr + blk * stride_vcb + pos_in_blk * stride_vcs + kh * stride_vch
-        tl.store(v_dst + d, tl.load(v_src + d, mask=kv_mask).to(cache_dtype), mask=kv_mask)
-        tl.store(v_dst + HALF + d, tl.load(v_src + HALF + d, mask=kv_mask).to(cache_dtype), mask=kv_mask)
+        # V's head dims may be strided (model_runner.FP8_V_KEYS_CONTIGUOUS)
+        tl.store(v_dst + d * stride_vcd, tl.load(v_src + d, mask=kv_mask).to(cache_dtype), mask=kv_mask)
+        tl.store(v_dst + (HALF + d) * stride_vcd, tl.load(v_src + HALF + d, mask=kv_mask).to(cache_dtype), mask=kv_mask)
 
 
 def rope_and_store_triton(qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
@@ -153,14 +155,14 @@ def rope_and_store_triton(qkv, positions, cos_table, sin_table, k_cache, v_cache
     assert qkv.shape[-1] == (num_heads + 2 * num_kv_heads) * head_dim, "qkv is not [tokens, (heads + 2 kv_heads) * head_dim]"
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    assert cos_table.is_contiguous() and sin_table.is_contiguous() and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert cos_table.is_contiguous() and sin_table.is_contiguous() and k_cache.stride(-1) == 1
     tokens = qkv.shape[0]
     q = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if tokens:
         _rope_and_store_kernel[(tokens,)](
             q, k_cache, v_cache, qkv, positions, slot_mapping, cos_table, sin_table,
             qkv.stride(0), q.stride(0), q.stride(1), cos_table.stride(0),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads),
             KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
             HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1], num_warps=4,

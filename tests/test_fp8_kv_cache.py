@@ -37,12 +37,12 @@ def test_twin_attention_over_fp8_cache_is_attention_over_its_values():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def check_triton_attention_fp8(seqs, device, q_dtype, num_splits):
+def check_triton_attention_fp8(seqs, device, q_dtype, num_splits, v_layout="dims"):
     from test_triton_attention import make_case
 
     from speedx.kernels.triton_attention import paged_attention_triton
 
-    q, k_cache, v_cache, table, cu, kv_lens = make_case(seqs, 8, 2, 128, dtype=FP8, device=device)
+    q, k_cache, v_cache, table, cu, kv_lens = make_case(seqs, 8, 2, 128, dtype=FP8, device=device, v_layout=v_layout)
     q = torch.randn(q.shape, device=device).to(q_dtype)
     out = paged_attention_triton(q, k_cache, v_cache, table, cu, kv_lens, 128**-0.5, num_splits=num_splits)
     ref = paged_attention_torch(q.float(), k_cache, v_cache, table, cu, kv_lens, 128**-0.5)
@@ -50,22 +50,25 @@ def check_triton_attention_fp8(seqs, device, q_dtype, num_splits):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("v_layout", ["dims", "keys"], ids=["v-dims-contiguous", "v-keys-contiguous"])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-fp16-dots"])
 @pytest.mark.parametrize("decode", [False, True], ids=["mixed", "decode-split"])
-def test_triton_attention_reads_fp8_cache(decode, q_dtype):
-    """16-bit queries over an fp8 cache dot in fp16 (FP16_DOTS): within bf16 rounding of the twin."""
+def test_triton_attention_reads_fp8_cache(decode, q_dtype, v_layout):
+    """16-bit queries over an fp8 cache dot in fp16 (FP16_DOTS): within bf16 rounding of the twin, with
+    V in either layout (model_runner.FP8_V_KEYS_CONTIGUOUS)."""
     from test_triton_attention import DECODE, MIXED
 
-    check_triton_attention_fp8(DECODE if decode else MIXED, "cpu", q_dtype, 3 if decode else 1)
+    check_triton_attention_fp8(DECODE if decode else MIXED, "cpu", q_dtype, 3 if decode else 1, v_layout)
 
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("v_layout", ["dims", "keys"], ids=["v-dims-contiguous", "v-keys-contiguous"])
 @pytest.mark.parametrize("decode", [False, True], ids=["mixed", "decode-split"])
-def test_gpu_triton_attention_reads_fp8_cache(decode):
+def test_gpu_triton_attention_reads_fp8_cache(decode, v_layout):
     from test_triton_attention import DECODE, MIXED
 
-    check_triton_attention_fp8(DECODE if decode else MIXED, "cuda", torch.bfloat16, 0 if decode else 1)
+    check_triton_attention_fp8(DECODE if decode else MIXED, "cuda", torch.bfloat16, 0 if decode else 1, v_layout)
 
 
 @pytest.mark.gpu
@@ -113,6 +116,46 @@ def test_fp8_cache_on_a_gpu_without_fp8_conversions_is_a_clear_error(monkeypatch
 def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_llama):
     with pytest.raises(ValueError, match="kv_cache_dtype='int4'.*'fp8'"):
         make_llm(tiny_llama[0], kv_cache_dtype="int4")
+
+
+def generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, on, **kwargs):
+    """The Triton engine over an fp8 cache, FP8_V_KEYS_CONTIGUOUS on or off; returns its tokens and
+    whether the attention read V a whole block at a time."""
+    from test_triton_engine import generate
+
+    from speedx.engine import model_runner
+    from speedx.kernels import triton_attention
+
+    monkeypatch.setattr(model_runner, "FP8_V_KEYS_CONTIGUOUS", on)
+    whole_blocks = []
+    real = triton_attention.v_keys_contiguous
+    monkeypatch.setattr(triton_attention, "v_keys_contiguous", lambda *a: whole_blocks.append(real(*a)) or whole_blocks[-1])
+    tokens = generate(monkeypatch, "triton" if kwargs.get("device") != "cuda" else "auto", path, prompts, params,
+                      kv_cache_dtype="fp8", block_size=16, max_num_batched_tokens=24, **kwargs)
+    return tokens, any(whole_blocks)
+
+
+@needs_interpreter
+def test_engine_fp8_cache_with_v_keys_contiguous(monkeypatch, tiny_llama):
+    """model_runner.FP8_V_KEYS_CONTIGUOUS lays V out with each head's keys contiguous (the views keep
+    their shape): the same greedy tokens as the usual layout, with V read whole blocks at a time."""
+    path, _, tok = tiny_llama
+    prompts = random_prompts(len(tok), [5, 11, 40, 3], seed=13)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    usual, usual_whole = generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, False)
+    keys, keys_whole = generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, True)
+    assert keys == usual and keys_whole and not usual_whole
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_engine_fp8_cache_with_v_keys_contiguous(monkeypatch, tiny_llama):
+    path, _, tok = tiny_llama
+    prompts = random_prompts(len(tok), [5, 11, 40, 3], seed=13)
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    usual, _ = generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, False, device="cuda")
+    keys, keys_whole = generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, True, device="cuda")
+    assert keys == usual and keys_whole
 
 
 @pytest.mark.gpu

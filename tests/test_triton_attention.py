@@ -14,7 +14,7 @@ if importlib.util.find_spec("triton") is None:
 
 from triton_marks import needs_cuda, needs_interpreter  # noqa: E402
 from speedx.kernels import paged_attention_torch, store_kvcache_torch  # noqa: E402
-from speedx.kernels.triton_attention import paged_attention_triton  # noqa: E402
+from speedx.kernels.triton_attention import paged_attention_triton, v_keys_contiguous  # noqa: E402
 from speedx.kernels.triton_kv_store import store_kvcache_triton  # noqa: E402
 
 
@@ -26,8 +26,15 @@ DECODE = [(1, 1328), (1, 7), (1, 300), (1, 64), (1, 1)]
 HEADS = [(4, 4), (8, 2), (5, 1)]
 
 
-def make_case(seqs, num_heads, num_kv_heads, head_dim, block_size=16, dtype=torch.float32, device="cpu", strided_q=False):
-    """Fresh random q / caches and a block table randomly permuted over a pool 3x larger than needed."""
+def keys_contiguous(v_cache: torch.Tensor) -> torch.Tensor:
+    """The same values in the layout of model_runner.FP8_V_KEYS_CONTIGUOUS: each head's keys contiguous."""
+    return v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def make_case(seqs, num_heads, num_kv_heads, head_dim, block_size=16, dtype=torch.float32, device="cpu", strided_q=False,
+              v_layout="dims"):
+    """Fresh random q / caches and a block table randomly permuted over a pool 3x larger than needed;
+    v_layout "keys": the V cache with each head's keys contiguous."""
     blocks = [-(-kv // block_size) for _, kv in seqs]
     pool = 3 * sum(blocks) + 5
     perm = torch.randperm(pool).to(torch.int32)
@@ -47,7 +54,8 @@ def make_case(seqs, num_heads, num_kv_heads, head_dim, block_size=16, dtype=torc
     cu[1:] = torch.cumsum(torch.tensor([q_len for q_len, _ in seqs]), 0)
     kv_lens = torch.tensor([kv for _, kv in seqs], dtype=torch.int32)
     to = lambda t: t.to(device)  # noqa: E731
-    return to(q), to(k_cache), to(v_cache), to(table), to(cu), to(kv_lens)
+    v_cache = keys_contiguous(to(v_cache)) if v_layout == "keys" else to(v_cache)
+    return to(q), to(k_cache), v_cache, to(table), to(cu), to(kv_lens)
 
 
 def check_attention(seqs, num_heads, num_kv_heads, head_dim, atol, num_splits=1, num_decodes=0, **kw):
@@ -96,15 +104,30 @@ def test_mixed_batch_in_two_launches(heads, num_splits):
     check_attention(DECODES_FIRST, *heads, head_dim=64, atol=2e-5, num_splits=num_splits, num_decodes=37)
 
 
-def check_store(num_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
+@needs_interpreter
+@pytest.mark.parametrize("block_size", [16, 64], ids=["whole-blocks", "key-by-key"])
+@pytest.mark.parametrize("seqs,num_splits,num_decodes", [(MIXED, 1, 0), (DECODE, 3, 0), (DECODES_FIRST, 4, 37)],
+                         ids=["mixed", "decode-split", "decodes-first"])
+def test_attention_over_v_with_keys_contiguous(seqs, num_splits, num_decodes, block_size):
+    """A V cache with each head's keys contiguous: tiles of whole blocks (the interpreter's 32-key tiles
+    over 16-key blocks; the last block's keys past kv_len are read and weigh 0), or key by key through
+    the strides when a block is larger than a tile."""
+    assert v_keys_contiguous(keys_contiguous(torch.empty(1, block_size, 1, 8)), 32) == (block_size == 16)
+    check_attention(seqs, 8, 2, 64, atol=2e-5, num_splits=num_splits, num_decodes=num_decodes, block_size=block_size,
+                    v_layout="keys")
+
+
+def check_store(num_kv_heads, head_dim, dtype=torch.float32, device="cpu", v_layout="dims"):
     pool, block_size, tokens = 40, 16, 50
     k_cache = torch.randn(pool, block_size, num_kv_heads, head_dim).to(dtype).to(device)
     v_cache = torch.randn_like(k_cache)
+    if v_layout == "keys":
+        v_cache = keys_contiguous(v_cache)
     qkv = torch.randn(tokens, 3 * num_kv_heads, head_dim).to(dtype).to(device)
     k, v = qkv[:, :num_kv_heads], qkv[:, num_kv_heads : 2 * num_kv_heads]  # strided views, like the model's
     slots = torch.randperm(pool * block_size)[:tokens].to(device)
     slots[torch.randperm(tokens)[:7]] = -1  # padding rows
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref, v_ref = k_cache.clone(), v_cache.contiguous().clone()  # the twin stores into the usual layout
     store_kvcache_torch(k, v, k_ref, v_ref, slots)
     store_kvcache_triton(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
@@ -114,6 +137,7 @@ def check_store(num_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
 @pytest.mark.parametrize("num_kv_heads,head_dim", [(2, 64), (1, 128), (3, 80)])
 def test_store_kvcache_matches_twin(num_kv_heads, head_dim):
     check_store(num_kv_heads, head_dim)
+    check_store(num_kv_heads, head_dim, v_layout="keys")
 
 
 @pytest.mark.gpu
@@ -143,3 +167,4 @@ def test_mixed_batch_in_two_launches_gpu(dtype, heads, head_dim):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_store_kvcache_gpu(dtype):
     check_store(8, 128, dtype=dtype, device="cuda")
+    check_store(8, 128, dtype=dtype, device="cuda", v_layout="keys")

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 COMPILE = """
-import sys
+import os, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -20,9 +20,17 @@ from speedx.kernels import triton_attention as A, triton_kv_store as S, triton_s
 def compile_for(cap, fn, types, consts, num_warps=4, num_stages=2):
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     options = dict(num_warps=num_warps, num_stages=num_stages)
-    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", cap, 32), options=options)
+    return triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", cap, 32), options=options)
 
-def attention(cap, dtype, head_dim, group, all_decode, split, cache="same"):
+NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+
+def sass(compiled):
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+def attention(cap, dtype, head_dim, group, all_decode, split, cache="same", v_keys=False):
     dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     types = {n: f"*{dt}" for n in ("out_ptr", "q_ptr")}
     types.update({n: f"*{dt if cache == 'same' else cache}" for n in ("k_cache_ptr", "v_cache_ptr")})
@@ -30,8 +38,11 @@ def attention(cap, dtype, head_dim, group, all_decode, split, cache="same"):
                  part_lse_ptr="*fp32", scale_log2="fp32", stride_kb="i64", stride_vb="i64")
     config = A.attention_config(dtype, head_dim, group, all_decode, torch.float8_e4m3fn if cache == "fp8e4nv" else None)
     options = dict(num_warps=config.pop("num_warps"), num_stages=config.pop("num_stages"))
-    consts = dict(config, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=16, SPLIT=split)
-    compile_for(cap, A._paged_attention_kernel, types, consts, **options)
+    consts = dict(config, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=16, SPLIT=split,
+                  V_KEYS_CONTIGUOUS=v_keys)
+    if v_keys:
+        consts["stride_vs"] = 1  # as the JIT specializes a stride of 1
+    return compile_for(cap, A._paged_attention_kernel, types, consts, **options)
 
 for cap in (90, 80):
     attention(cap, torch.bfloat16, 128, 4, False, False)  # Llama-3-8B prefill / mixed
@@ -41,6 +52,10 @@ for cap in (90, 80):
     attention(cap, torch.bfloat16, 128, 4, True, False)
     attention(cap, torch.bfloat16, 128, 4, False, False, cache="fp8e4nv")  # kv_cache_dtype="fp8" (sm_89+)
     attention(cap, torch.bfloat16, 128, 4, True, True, cache="fp8e4nv")
+    attention(cap, torch.bfloat16, 128, 4, False, False, cache="fp8e4nv", v_keys=True)  # FP8_V_KEYS_CONTIGUOUS
+    decode = attention(cap, torch.bfloat16, 128, 4, True, False, cache="fp8e4nv", v_keys=True)
+    if os.path.exists(NVDISASM):  # the point of that layout: V reaches P V with no byte-wise shared loads
+        assert "LDS.U8" not in sass(decode), "fp8 decode over V with keys contiguous reads V one byte at a time"
     compile_for(cap, L._rope_and_store_kernel, {n: "*bf16" for n in ("q_out_ptr", "qkv_ptr")}
                 | {n: "*fp8e4nv" for n in ("k_cache_ptr", "v_cache_ptr")}
                 | dict(positions_ptr="*i64", slot_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", stride_kcb="i64", stride_vcb="i64"),

@@ -93,3 +93,16 @@ def test_rope_and_store_matches_twin(device, dtype, heads, head_dim):
     assert torch.equal(cache[1], ref_cache[1])  # V is a plain copy
     stored = cache[0].flatten(0, 1)[slots[slots >= 0]]
     assert not torch.equal(stored, torch.zeros_like(stored))
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_rope_and_store_into_v_with_keys_contiguous(device, dtype):
+    """V stored through its strides into a cache with each head's keys contiguous (FP8_V_KEYS_CONTIGUOUS)."""
+    from test_triton_attention import keys_contiguous
+
+    qkv, positions, cos, sin, cache, slots = rope_case(19, 8, 2, 64, dtype, device)
+    v_cache, ref_cache = keys_contiguous(cache[1]), cache.clone()
+    rope_and_store_triton(qkv, positions, cos, sin, cache[0], v_cache, slots, 8, 2)
+    rope_and_store_torch(qkv, positions, cos, sin, ref_cache[0], ref_cache[1], slots, 8, 2)
+    assert v_cache.stride(1) == 1 and torch.equal(v_cache, ref_cache[1])
+    close_in_bulk(cache[0], ref_cache[0], dtype)

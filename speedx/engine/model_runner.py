@@ -18,18 +18,31 @@ from speedx.models.attention import AttentionMetadata, leading_decodes
 from speedx.models.llama import LlamaForCausalLM
 
 
+# An fp8 V cache read by the Triton kernels keeps each head's keys contiguous within a block (every
+# view stays [blocks, block_size, kv_heads, head_dim]; only V's strides change): P V then reads V as
+# it reads K, with no byte-wise shared loads (kernels/triton_attention.py, _load_v_keys_contiguous).
+# Off until a GPU measures it faster (bench/kernels.py decode_tiles, bench/throughput.py --set).
+FP8_V_KEYS_CONTIGUOUS = False
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: BlockPool, device: torch.device, kv_cache_dtype: torch.dtype):
         self.model = model
         self.pool = pool
         self.device = device
         c = model.config
-        shape = (2, c.num_hidden_layers, pool.num_blocks, pool.block_size, c.num_key_value_heads, c.head_dim)
-        # Zeroed, not empty: masked-out padding rows are still multiplied by 0 in attention.
-        self.kv_cache = torch.zeros(shape, dtype=kv_cache_dtype, device=device)
+        blocks, block_size, heads, dim = pool.num_blocks, pool.block_size, c.num_key_value_heads, c.head_dim
+        # Zeroed, not empty: masked-out padding rows are still multiplied by 0 in attention. One flat
+        # row per (K/V, layer, block), so block copies need not know the layout inside a block.
+        self.kv_cache = torch.zeros((2, c.num_hidden_layers, blocks, block_size * heads * dim), dtype=kv_cache_dtype,
+                                    device=device)
+        v_keys_contiguous = (FP8_V_KEYS_CONTIGUOUS and kv_cache_dtype.itemsize == 1
+                             and use_triton(device, model.layers[0].self_attn.kernel_mode))
         for i, layer in enumerate(model.layers):
-            layer.self_attn.k_cache = self.kv_cache[0, i]
-            layer.self_attn.v_cache = self.kv_cache[1, i]
+            layer.self_attn.k_cache = self.kv_cache[0, i].view(blocks, block_size, heads, dim)
+            v = self.kv_cache[1, i]
+            layer.self_attn.v_cache = (v.view(blocks, heads, dim, block_size).permute(0, 3, 1, 2) if v_keys_contiguous
+                                       else v.view(blocks, block_size, heads, dim))
         self.grammar_mask: GrammarMask | None = None  # the engine sets it on the first json_schema request
         self.decode_graphs: DecodeGraphs | None = None
         self.input_staging = Staging(device)
