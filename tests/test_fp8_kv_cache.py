@@ -118,7 +118,7 @@ def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_llama):
         make_llm(tiny_llama[0], kv_cache_dtype="int4")
 
 
-def generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, on, **kwargs):
+def generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, on, device):
     """The Triton engine over an fp8 cache, FP8_V_KEYS_CONTIGUOUS on or off; returns its tokens and
     whether the attention read V a whole block at a time."""
     from test_triton_engine import generate
@@ -130,32 +130,22 @@ def generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, on, **kw
     whole_blocks = []
     real = triton_attention.v_keys_contiguous
     monkeypatch.setattr(triton_attention, "v_keys_contiguous", lambda *a: whole_blocks.append(real(*a)) or whole_blocks[-1])
-    tokens = generate(monkeypatch, "triton" if kwargs.get("device") != "cuda" else "auto", path, prompts, params,
-                      kv_cache_dtype="fp8", block_size=16, max_num_batched_tokens=24, **kwargs)
+    tokens = generate(monkeypatch, "triton" if device == "cpu" else "auto", path, prompts, params, device=device,
+                      kv_cache_dtype="fp8", block_size=16, max_num_batched_tokens=24)
     return tokens, any(whole_blocks)
 
 
-@needs_interpreter
-def test_engine_fp8_cache_with_v_keys_contiguous(monkeypatch, tiny_llama):
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_interpreter),
+                                    pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+def test_engine_fp8_cache_with_v_keys_contiguous(monkeypatch, tiny_llama, device):
     """model_runner.FP8_V_KEYS_CONTIGUOUS lays V out with each head's keys contiguous (the views keep
     their shape): the same greedy tokens as the usual layout, with V read whole blocks at a time."""
     path, _, tok = tiny_llama
     prompts = random_prompts(len(tok), [5, 11, 40, 3], seed=13)
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    usual, usual_whole = generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, False)
-    keys, keys_whole = generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, True)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    usual, usual_whole = generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, False, device)
+    keys, keys_whole = generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, True, device)
     assert keys == usual and keys_whole and not usual_whole
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_gpu_engine_fp8_cache_with_v_keys_contiguous(monkeypatch, tiny_llama):
-    path, _, tok = tiny_llama
-    prompts = random_prompts(len(tok), [5, 11, 40, 3], seed=13)
-    params = SamplingParams(temperature=0.0, max_tokens=16)
-    usual, _ = generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, False, device="cuda")
-    keys, keys_whole = generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, True, device="cuda")
-    assert keys == usual and keys_whole
 
 
 @pytest.mark.gpu
