@@ -205,11 +205,19 @@ def choose_num_splits(device: torch.device, programs: int, max_kv_len: int) -> i
     return 1 if splits < 2 else 1 << (splits.bit_length() - 1)
 
 
+# Query rows (tokens x GQA group) per prefill tile, for 16-bit queries with head_dim <= 128. 128 gave
+# 1.7x the TFLOP/s of 64 on fresh prompts (H200, bench/kernels.py prefill_tiles) but the 8B grid 7%
+# fewer tok/s in one run (with 3 stages; attention_config's note): A/B it end to end with
+# bench/throughput.py --set speedx.kernels.triton_attention.PREFILL_ROWS=128.
+PREFILL_ROWS = 64
+
+
 def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: bool,
                      kv_dtype: torch.dtype | None = None) -> dict:
     """Tile constexprs + launch options for queries of `dtype` over a cache of `kv_dtype` (default:
-    the same). Tiles chosen so that sm_90 compiles them without register spills (ptxas): 64 x 64 for
-    16-bit head_dim <= 128, smaller for padded or larger heads and for fp32 (FMA dots, tests only).
+    the same). Tiles chosen so that sm_90 compiles them without register spills (ptxas): PREFILL_ROWS
+    x 64 for 16-bit head_dim <= 128, smaller for padded or larger heads and for fp32 (FMA dots, tests
+    only).
     Decode: one token per block, the group padded to 16 rows (the smallest tl.dot tile), 4 warps;
     an fp8 cache streams 128 keys per tile through 3 stages (the same bytes as 64 bf16 keys) and
     dots in fp16. H200, 2026-11-26 (bench/kernels.py decode_tiles, share of copy bandwidth at
@@ -219,11 +227,11 @@ def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: 
     scheduling, 10,602 output tok/s as shipped): P V computed transposed (acc^T += V^T P^T, which
     avoids byte-wise shared loads of V but takes V out of the cp.async pipeline) 9,374 tok/s and
     0.56 of copy bandwidth at 256 x 1536; the group padded to 64 rows (both dots on wgmma) 9,133 tok/s
-    and 0.51. A 128-token prefill tile (1.7x the TFLOP/s on fresh prompts) gave 9,857 tok/s."""
+    and 0.51. 128-row prefill tiles with 3 stages (1.7x the TFLOP/s on fresh prompts) gave 9,857 tok/s."""
     head_dim_pad = triton.next_power_of_2(head_dim)
     wide = dtype != torch.float32 and head_dim_pad <= 128
     fp8_cache = kv_dtype is not None and kv_dtype.itemsize == 1
-    block_m, block_n = (64, 64 if head_dim == head_dim_pad else 32) if wide else (32, 32)
+    block_m, block_n = (PREFILL_ROWS, 64 if head_dim == head_dim_pad else 32) if wide else (32, 32)
     num_stages = 2
     if all_decode:
         group_pad, block_q, num_warps = max(16, triton.next_power_of_2(group)), 1, 4

@@ -118,6 +118,22 @@ def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_llama):
         make_llm(tiny_llama[0], kv_cache_dtype="int4")
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_interpreter),
+                                    pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+def test_prefill_tiles_of_128_rows(monkeypatch, device):
+    """PREFILL_ROWS=128, the candidate bench/throughput.py --set times: 32 tokens x a group of 4 per
+    tile. (16-bit queries, which the interpreter computes right over an fp8 cache's fp16 dots.)"""
+    from test_triton_attention import DECODES_FIRST, check_attention
+
+    from speedx.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "PREFILL_ROWS", 128)
+    assert triton_attention.attention_config(torch.bfloat16, 128, 4, False, FP8)["BLOCK_Q"] == 32
+    check_triton_attention_fp8(DECODES_FIRST, device, torch.bfloat16, 1)
+    if device == "cuda":
+        check_attention(DECODES_FIRST, 8, 2, 128, 2e-2, num_splits=0, num_decodes=37, dtype=torch.bfloat16, device=device)
+
+
 def generate_with_v_keys_contiguous(monkeypatch, path, prompts, params, on, device):
     """The Triton engine over an fp8 cache, FP8_V_KEYS_CONTIGUOUS on or off; returns its tokens and
     whether the attention read V a whole block at a time."""

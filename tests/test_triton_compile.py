@@ -60,6 +60,10 @@ for cap in (90, 80):
                 | {n: "*fp8e4nv" for n in ("k_cache_ptr", "v_cache_ptr")}
                 | dict(positions_ptr="*i64", slot_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", stride_kcb="i64", stride_vcb="i64"),
                 dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEADS_PAD=32, KV_HEADS_PAD=8, HEAD_DIM=128, HALF_PAD=64, BLOCK_SIZE=16))
+    A.PREFILL_ROWS = 128  # the prefill tile candidate
+    attention(cap, torch.bfloat16, 128, 4, False, False)
+    attention(cap, torch.bfloat16, 128, 4, False, False, cache="fp8e4nv")
+    A.PREFILL_ROWS = 64
     attention(cap, torch.bfloat16, 80, 5, False, False)  # padded head_dim, odd group
     attention(cap, torch.float32, 64, 1, False, False)   # the fp32 GPU tests
     compile_for(cap, A._merge_splits_kernel, dict(out_ptr="*bf16", part_out_ptr="*fp32", part_lse_ptr="*fp32"),
