@@ -65,18 +65,13 @@ class ScriptedTeacher:
         self.answer = answer
         self.requests = []
 
-    def chat_many(self, requests, stage, on_result=None):
+    def chat_many(self, requests, stage):
         self.requests += [(stage, r) for r in requests]
         replies = []
         for r in requests:
             text = self.answer(r["messages"])
             replies.append(SimpleNamespace(ok=True, text=text, json=lambda t=text: json.loads(t)))
-            if on_result:
-                on_result(len(replies) - 1, replies[-1])
         return replies
-
-    def save_usage(self, path):
-        pass
 
 
 def test_judge_retries_invalid_verdicts_then_skips(tmp_path):

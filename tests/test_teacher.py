@@ -258,6 +258,31 @@ def test_accounting_is_exact_and_merges(server, tmp_path):
     assert u2["stages"]["brainstorm"] == u["stages"]["brainstorm"]
 
 
+def test_usage_file_counts_each_call_before_its_reply_is_cached(server, tmp_path, monkeypatch):
+    """A kill right after a reply is cached must not lose its call: the resumed run serves it from the cache."""
+    usage, cache = tmp_path / "teacher_usage.json", tmp_path / "cache"
+    client = make_client(server, cache_dir=cache, usage_file=usage, max_concurrency=3)
+    cached_and_counted = []
+    cache_put = TeacherClient._cache_put
+
+    def spying_cache_put(self, key, body, response):
+        cached = len(list(cache.rglob("*.json"))) + 1  # with this reply; counted before reading the usage file
+        cached_and_counted.append((cached, json.loads(usage.read_text())["total"]["calls"]))
+        cache_put(self, key, body, response)
+
+    monkeypatch.setattr(TeacherClient, "_cache_put", spying_cache_put)
+    client.chat_many([msgs(f"q{i}") for i in range(5)], stage="seed")
+    assert len(cached_and_counted) == 5
+    assert all(counted >= cached for cached, counted in cached_and_counted), cached_and_counted
+
+    resumed = make_client(server, cache_dir=cache, usage_file=usage, max_calls=6)  # merges the file at start
+    assert [r.cached for r in resumed.chat_many([msgs(f"q{i}") for i in range(5)], stage="seed")] == [True] * 5
+    resumed.chat(msgs("new"), stage="seed")
+    with pytest.raises(BudgetExhausted):  # the first process's 5 calls count against the budget
+        resumed.chat(msgs("newer"), stage="seed")
+    assert json.loads(usage.read_text())["total"]["calls"] == 6
+
+
 def test_budget_stops_cleanly(server):
     server.delay = 0.02
     client = make_client(server, max_calls=3, max_concurrency=4)

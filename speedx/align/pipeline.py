@@ -46,14 +46,11 @@ def open_teacher(config: AlignConfig, out: Path, stack: ExitStack):
         server = stack.enter_context(start_server(config.teacher.local_model, served_model_name=config.teacher.model,
                                                    seed=config.seed))
         base_url = server.url
-    client = stack.enter_context(TeacherClient(TeacherConfig(
+    return stack.enter_context(TeacherClient(TeacherConfig(
         base_url=base_url, model=config.teacher.model, api_key=os.environ.get(config.teacher.api_key_env),
         max_concurrency=config.teacher.concurrency, max_calls=config.teacher.max_calls, cache_dir=out / "teacher_cache",
+        usage_file=out / "teacher_usage.json",  # merged now, rewritten after every paid call
     )))
-    usage_file = out / "teacher_usage.json"
-    if usage_file.is_file():
-        client.merge_usage(usage_file)  # earlier processes' calls count against the same budget
-    return client
 
 
 def run_pipeline(config: AlignConfig, from_stage: str | None = None, until_stage: str | None = None, log=print) -> int:
@@ -89,7 +86,7 @@ def run_pipeline(config: AlignConfig, from_stage: str | None = None, until_stage
                 "device": "cuda" if torch.cuda.is_available() else "cpu",
             }
             if ctx.teacher is not None:
-                ctx.teacher.save_usage(out / "teacher_usage.json")
+                ctx.teacher.save_usage()  # the stage's failed and cached counts too
                 manifest["teacher"] = ctx.teacher.usage()["stages"].get(name)
             atomic_write_json(ctx.dir(name) / "manifest.json", manifest)
             log(f"[{name}] {status} in {manifest['seconds']:.1f} s: {json.dumps(stats)}")

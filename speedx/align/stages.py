@@ -59,9 +59,8 @@ class Context:
 
     def ask(self, stage: str, requests: list[dict]) -> list:
         """Teacher replies in request order (failures included); BudgetReached when calls ran out.
-        Usage is saved after every reply, so a kill loses no call from the accounting."""
-        usage_file = self.out / "teacher_usage.json"
-        results = self.teacher.chat_many(requests, stage=stage, on_result=lambda i, r: self.teacher.save_usage(usage_file))
+        The client saves its usage file after every paid call, so a kill loses no call from the accounting."""
+        results = self.teacher.chat_many(requests, stage=stage)
         if any(not r.ok and r.kind == "not_run" for r in results):
             raise BudgetReached(f"the teacher call budget ran out during stage {stage!r}")
         return results

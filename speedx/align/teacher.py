@@ -12,6 +12,12 @@ Budget semantics (``TeacherConfig.max_calls``, flag ``--max-teacher-calls``):
     are still served). ``merge_usage`` can count a previous run's calls against the budget, so the
     flag caps a run's total spend across resumes.
 
+Usage file (``TeacherConfig.usage_file``):
+    When set, the client merges the file at start (earlier processes' calls count against the budget)
+    and rewrites it after every paid call, before the reply is cached or handed back. A kill therefore
+    never leaves a cached reply whose call the accounting lacks; at worst a call is counted whose
+    reply was lost, and that call was billed.
+
 Cache layout: ``cache_dir/<key[:2]>/<key>.json``, one file per request, where key is the sha256 of the
     canonical JSON of {base_url, request body as the caller asked for it (model, messages, temperature,
     max_tokens, seed, response_format, extra)}. The API key is not part of it. Files are written to a
@@ -83,6 +89,7 @@ class TeacherConfig:
     backoff_max_s: float = 60.0
     retry_after_max_s: float = 300.0  # a server asking for a longer wait is capped here
     cache_dir: str | Path | None = None  # None = no cache
+    usage_file: str | Path | None = None  # kept up to date after every paid call (see module docstring)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> TeacherConfig:
@@ -240,6 +247,7 @@ class TeacherClient:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
+        self._usage_lock = threading.Lock()  # one writer at a time, so an older snapshot never lands last
         self._slots = threading.BoundedSemaphore(config.max_concurrency)  # bounds chat() from any thread too
         self._stats: dict[str, dict[str, int]] = {}
         self._budget_used = 0  # calls counted against max_calls
@@ -252,6 +260,9 @@ class TeacherClient:
             limits=httpx.Limits(max_connections=config.max_concurrency,
                                 max_keepalive_connections=config.max_concurrency),
         )
+        self._usage_file = Path(config.usage_file) if config.usage_file is not None else None
+        if self._usage_file is not None and self._usage_file.is_file():
+            self.merge_usage(self._usage_file)
 
     def close(self) -> None:
         self._http.close()
@@ -278,8 +289,13 @@ class TeacherClient:
         return {"model": self.config.model, "base_url": self.config.base_url, "max_calls": self.config.max_calls,
                 "budget_used": used, "calls_remaining": remaining, "total": total, "stages": stages}
 
-    def save_usage(self, path: str | Path) -> None:
-        _write_atomic(Path(path), json.dumps(self.usage(), indent=2) + "\n")
+    def save_usage(self, path: str | Path | None = None) -> None:
+        """Write the usage to ``path`` (default: the configured usage file)."""
+        path = path if path is not None else self._usage_file
+        if path is None:
+            raise ValueError("save_usage needs a path: this client has no usage_file configured")
+        with self._usage_lock:
+            _write_atomic(Path(path), json.dumps(self.usage(), indent=2) + "\n")
 
     def merge_usage(self, usage: dict | str | Path, *, count_against_budget: bool = True) -> None:
         """Add a previous run's usage (dict or file) so a resumed run's saved totals add up.
@@ -403,10 +419,12 @@ class TeacherClient:
             with self._lock:
                 self._reserved -= 1
         self._add(stage, calls=1, prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens)
-        try:
+        try:  # usage before cache: a kill in between re-sends (and counts) the call, it never hides one
+            if self._usage_file is not None:
+                self.save_usage()
             self._cache_put(key, body, data)
         except OSError as e:  # the call is paid for: hand the reply back even if the disk refuses it
-            log.warning("teacher cache write failed: %s", e)
+            log.warning("teacher usage or cache write failed: %s", e)
         return reply
 
     def chat(self, messages: list[dict], *, stage: str, temperature: float = 1.0, max_tokens: int | None = 2048,
