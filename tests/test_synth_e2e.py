@@ -32,8 +32,13 @@ def tasks_file(tmp_path_factory):
     return path
 
 
-def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def read(path: Path, written_so_far: bool = False) -> list[dict]:
+    """The records of a JSONL file; ``written_so_far`` drops a partial last line (a run still writing,
+    or killed mid-write), which a finished run must not have."""
+    text = path.read_text() if path.exists() else ""
+    if written_so_far:
+        text = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in text.splitlines()]
 
 
 def check_run(out: Path, expected: int) -> list[dict]:
@@ -59,14 +64,14 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, tasks_file):
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     try:
-        while len(read(out / "examples.jsonl")) + len(read(out / "rejected.jsonl")) < 2:
+        while len(read(out / "examples.jsonl", True)) + len(read(out / "rejected.jsonl", True)) < 2:
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.time() < deadline, "no progress within 300 s"
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    done_before = {r["id"] for r in read(out / "examples.jsonl") + read(out / "rejected.jsonl")}
+    done_before = {r["id"] for r in read(out / "examples.jsonl", True) + read(out / "rejected.jsonl", True)}
     assert generate_main(["--tasks", str(tasks_file), "--num-examples", "6", "--out", str(out), *COMMON]) == 0
     check_run(out, 6)
     kept = {r["id"] for r in read(out / "examples.jsonl") + read(out / "rejected.jsonl")}
