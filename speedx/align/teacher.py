@@ -419,12 +419,16 @@ class TeacherClient:
             with self._lock:
                 self._reserved -= 1
         self._add(stage, calls=1, prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens)
-        try:  # usage before cache: a kill in between re-sends (and counts) the call, it never hides one
-            if self._usage_file is not None:
+        # The call is paid for: hand the reply back even if the disk refuses these writes.
+        if self._usage_file is not None:  # before the cache: a kill in between re-sends (and counts) the call
+            try:
                 self.save_usage()
+            except OSError as e:
+                log.warning("teacher usage file write failed: %s", e)
+        try:
             self._cache_put(key, body, data)
-        except OSError as e:  # the call is paid for: hand the reply back even if the disk refuses it
-            log.warning("teacher usage or cache write failed: %s", e)
+        except OSError as e:
+            log.warning("teacher cache write failed: %s", e)
         return reply
 
     def chat(self, messages: list[dict], *, stage: str, temperature: float = 1.0, max_tokens: int | None = 2048,
