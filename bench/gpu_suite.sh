@@ -25,6 +25,18 @@ RESULTS=${RESULTS:-bench/results}
 mkdir -p "$RESULTS"
 status=0
 step() { echo; echo "=== $*"; "$@" || { echo "!!! failed: $*"; status=1; }; }
+# The throughput runs side by side, last, so a log's tail holds them (the A/B decisions read off it).
+summary() {
+    "$PY" - "$RESULTS" <<'EOF'
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("throughput_*.json")):
+    r = json.loads(path.read_text())
+    fraction = r.get("roofline", {}).get("fraction")
+    print(f"{path.stem:<48}{r['contenders']['speedx']['output_tokens_per_s']:>10.0f} tok/s"
+          + ("" if fraction is None else f"  {fraction:.0%} of the roofline") + f"  ({r['device']})")
+EOF
+    echo; echo "results in $RESULTS/ (exit status $status)"
+}
 
 nvidia-smi -L || true
 "$PY" -c "import speedx._C, speedx.kernels" 2>/dev/null \
@@ -50,7 +62,7 @@ if [ -n "${QUICK:-}" ]; then
     step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --set $PREFILL_128 \
         --out "$RESULTS/throughput_8b_1024x1024_fp8kv_prefill128.json"
     step "$PY" bench/kernels.py --only attention prefill_tiles decode_tiles --out "$RESULTS/kernels_attention.json"
-    echo; echo "results in $RESULTS/ (exit status $status)"
+    summary
     exit $status
 fi
 
@@ -102,5 +114,5 @@ if [ -z "${SKIP_8B:-}" ]; then
     done
 fi
 
-echo; echo "results in $RESULTS/ (exit status $status)"
+summary
 exit $status
