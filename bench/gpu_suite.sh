@@ -11,7 +11,8 @@
 #   QUICK=1 bash bench/gpu_suite.sh         # the open targets only: the GPU tests of the attention and
 #                                           # fp8 cache kernels and of async scheduling, the 8B 1024/1024
 #                                           # grid with the fp8 KV cache, also with each candidate (V's
-#                                           # keys contiguous, 128-row prefill tiles), the attention
+#                                           # keys contiguous, on the fp8 decode tile the sweep finds
+#                                           # fastest for it; 128-row prefill tiles), the attention
 #                                           # benchmarks and tile sweeps
 # Everything takes about 14 minutes on an H100/H200 (summed from its parts; the 8B runs are most of
 # it): under a 10-minute limit per command, run it in two calls (SKIP_8B=1, then SKIP_TESTS=1
@@ -33,9 +34,25 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("throughput_*.json")):
     r = json.loads(path.read_text())
     fraction = r.get("roofline", {}).get("fraction")
     print(f"{path.stem:<48}{r['contenders']['speedx']['output_tokens_per_s']:>10.0f} tok/s"
-          + ("" if fraction is None else f"  {fraction:.0%} of the roofline") + f"  ({r['device']})")
+          + ("" if fraction is None else f"  {fraction:.0%} of the roofline") + f"  ({r['device']})"
+          + "".join(f"  --set {a.rpartition('.')[2]}" for a in r.get("set", [])))
 EOF
     echo; echo "results in $RESULTS/ (exit status $status)"
+}
+# The fastest fp8 decode tile over V with keys contiguous in a decode_tiles sweep (bench/kernels.py
+# JSON), as FP8_DECODE_TILE's tuple; the shipped tile if the sweep has no such row.
+best_v_keys_tile() {
+    "$PY" - "$1" <<'EOF'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["decode_tiles"]
+    row = next(r for r in rows if r["workload"] == "decode 256 x 1536, float8_e4m3fn KV, V keys contiguous")
+    label = max((k for k in row if k.endswith("_fp16dots")), key=lambda k: row[k]["of_copy_bw"])
+    print("(" + ",".join(part[1:] for part in label.split("_")[:3]) + ")")
+except (OSError, KeyError, StopIteration, ValueError):
+    from speedx.kernels.triton_attention import FP8_DECODE_TILE
+    print("(" + ",".join(map(str, FP8_DECODE_TILE)) + ")")
+EOF
 }
 
 nvidia-smi -L || true
@@ -51,17 +68,21 @@ GRID="--workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024"
 # Candidates, each timed against the shipped configuration (bench/throughput.py --set)
 V_KEYS=speedx.engine.model_runner.FP8_V_KEYS_CONTIGUOUS=True
 PREFILL_128=speedx.kernels.triton_attention.PREFILL_ROWS=128
+FP8_TILE=speedx.kernels.triton_attention.FP8_DECODE_TILE
 if [ -n "${QUICK:-}" ]; then
     # Ordered so that a run cut short by a time limit still has the headline numbers.
     step "$PY" -m pytest -q -x -m gpu tests/test_triton_attention.py tests/test_triton_engine.py tests/test_fp8_kv_cache.py
     step "$PY" -m pytest -q -x tests/test_async_scheduling.py
     [ -f "$MODEL_DIR/config.json" ] || step "$PY" bench/random_llama.py --shape llama3-8b "$MODEL_DIR"
     step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
-    step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --set $V_KEYS \
+    # V with keys contiguous, on the decode tile the sweep finds fastest for it (registers differ by layout).
+    step "$PY" bench/kernels.py --only decode_tiles --out "$RESULTS/kernels_decode_tiles.json"
+    tile=$(best_v_keys_tile "$RESULTS/kernels_decode_tiles.json")
+    step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --set $V_KEYS --set "$FP8_TILE=$tile" \
         --out "$RESULTS/throughput_8b_1024x1024_fp8kv_vkeys.json"
     step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --set $PREFILL_128 \
         --out "$RESULTS/throughput_8b_1024x1024_fp8kv_prefill128.json"
-    step "$PY" bench/kernels.py --only attention prefill_tiles decode_tiles --out "$RESULTS/kernels_attention.json"
+    step "$PY" bench/kernels.py --only attention prefill_tiles --out "$RESULTS/kernels_attention.json"
     summary
     exit $status
 fi

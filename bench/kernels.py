@@ -173,6 +173,9 @@ DECODE_TILES = [  # (keys per tile, warps, pipeline stages, fp16 dots). Shipped 
     (64, 8, 2, False), (64, 4, 2, False), (64, 4, 3, False), (128, 4, 2, False), (128, 4, 3, False), (128, 8, 2, False),
     (64, 8, 2, True), (64, 4, 3, True), (128, 4, 2, True), (128, 4, 3, True), (128, 8, 2, True), (128, 4, 4, True),
     (256, 4, 3, True),
+    # Tiles that need fewer registers over V with keys contiguous, so more blocks fit an SM
+    # (FP8_DECODE_TILE's note): 86, 96 and 128 registers a thread there.
+    (64, 4, 2, True), (32, 4, 3, True), (256, 8, 2, True),
 ]
 
 

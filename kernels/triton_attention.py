@@ -211,6 +211,13 @@ def choose_num_splits(device: torch.device, programs: int, max_kv_len: int) -> i
 # bench/throughput.py --set speedx.kernels.triton_attention.PREFILL_ROWS=128.
 PREFILL_ROWS = 64
 
+# An fp8 cache's decode tile: keys per tile, warps, pipeline stages. Registers bound its occupancy
+# (sm_90 ptxas, 8B heads): this one takes 199 registers a thread over V with head dims contiguous, so
+# 2 blocks (8 warps) fit an SM, and 166 over V with keys contiguous (3 blocks); (64, 4, 2) over keys
+# contiguous takes 86 (5 blocks, 20 warps, as the bf16 tile). A/B one end to end with
+# bench/throughput.py --set speedx.kernels.triton_attention.FP8_DECODE_TILE="(64, 4, 2)".
+FP8_DECODE_TILE = (128, 4, 3)
+
 
 def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: bool,
                      kv_dtype: torch.dtype | None = None) -> dict:
@@ -219,8 +226,8 @@ def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: 
     x 64 for 16-bit head_dim <= 128, smaller for padded or larger heads and for fp32 (FMA dots, tests
     only).
     Decode: one token per block, the group padded to 16 rows (the smallest tl.dot tile), 4 warps;
-    an fp8 cache streams 128 keys per tile through 3 stages (the same bytes as 64 bf16 keys) and
-    dots in fp16. H200, 2026-11-26 (bench/kernels.py decode_tiles, share of copy bandwidth at
+    an fp8 cache streams FP8_DECODE_TILE's 128 keys per tile through 3 stages (the same bytes as 64
+    bf16 keys) and dots in fp16. H200, 2026-11-26 (bench/kernels.py decode_tiles, share of copy bandwidth at
     256 x 1536 / 64 x 1024): bf16 1.02 / 0.82 with 4 warps against 0.90 / 0.62 with 8; fp8
     0.63 / 0.51 against 0.36 / 0.32 for the bf16 tile.
     Measured and rejected for the fp8 decode tile (H200, 2026-11-26, 8B 1024/1024 grid with async
@@ -236,7 +243,7 @@ def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: 
     if all_decode:
         group_pad, block_q, num_warps = max(16, triton.next_power_of_2(group)), 1, 4
         if fp8_cache and wide and head_dim == head_dim_pad:
-            block_n, num_stages = 128, 3
+            block_n, num_warps, num_stages = FP8_DECODE_TILE
     else:
         group_pad = triton.next_power_of_2(group)
         block_q, num_warps = max(1, block_m // group_pad), 8 if dtype != torch.float32 else 4

@@ -120,6 +120,23 @@ def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_llama):
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_interpreter),
                                     pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+@pytest.mark.parametrize("tile", [(32, 4, 3), (64, 4, 2), (256, 8, 2)], ids=str)
+def test_fp8_decode_tiles_over_v_with_keys_contiguous(monkeypatch, device, tile):
+    """FP8_DECODE_TILE candidates the GPU suite times (bench/throughput.py --set): tiles of 2, 4 and 16
+    whole cache blocks of V with keys contiguous, with and without split-KV."""
+    from test_triton_attention import DECODE
+
+    from speedx.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "FP8_DECODE_TILE", tile)
+    config = triton_attention.attention_config(torch.bfloat16, 128, 4, True, FP8)
+    assert (config["BLOCK_N"], config["num_warps"], config["num_stages"]) == tile
+    for num_splits in (1, 3):
+        check_triton_attention_fp8(DECODE, device, torch.bfloat16, num_splits, "keys")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_interpreter),
+                                    pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 def test_prefill_tiles_of_128_rows(monkeypatch, device):
     """PREFILL_ROWS=128, the candidate bench/throughput.py --set times: 32 tokens x a group of 4 per
     tile. (16-bit queries, which the interpreter computes right over an fp8 cache's fp16 dots.)"""

@@ -17,12 +17,25 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from speedx.kernels import triton_attention as A, triton_kv_store as S, triton_sampling as P, triton_layers as L
 
-def compile_for(cap, fn, types, consts, num_warps=4, num_stages=2):
+def compile_for(cap, fn, types, consts, num_warps=4, num_stages=2, aligned=()):
+    # aligned: the arguments that are multiples of 16 (pointers: 16-byte aligned), as the JIT
+    # specializes them; without that hint loads of contiguous rows are not vectorized.
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in aligned and n not in consts}
     options = dict(num_warps=num_warps, num_stages=num_stages)
-    return triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", cap, 32), options=options)
+    return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", cap, 32),
+                          options=options)
 
 NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+CUOBJDUMP = NVDISASM.replace("nvdisasm", "cuobjdump")
+
+def stack_bytes(compiled):
+    # Per-thread stack of a cubin: above 0 when ptxas spilled registers.
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(usage.split("STACK:")[1].split()[0])
 
 def sass(compiled):
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
@@ -40,9 +53,14 @@ def attention(cap, dtype, head_dim, group, all_decode, split, cache="same", v_ke
     options = dict(num_warps=config.pop("num_warps"), num_stages=config.pop("num_stages"))
     consts = dict(config, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=16, SPLIT=split,
                   V_KEYS_CONTIGUOUS=v_keys)
-    if v_keys:
-        consts["stride_vs"] = 1  # as the JIT specializes a stride of 1
-    return compile_for(cap, A._paged_attention_kernel, types, consts, **options)
+    consts["stride_vs" if v_keys else "stride_vd"] = 1  # as the JIT specializes a stride of 1
+    aligned = {n for n in A._paged_attention_kernel.arg_names if n.endswith("_ptr")} | {
+        "stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks", "stride_kh", "stride_vb",
+        "stride_vh", "stride_vd" if v_keys else "stride_vs"}
+    compiled = compile_for(cap, A._paged_attention_kernel, types, consts, aligned=aligned, **options)
+    if os.path.exists(CUOBJDUMP):  # attention_config's tiles are chosen to fit the registers
+        assert stack_bytes(compiled) == 0, f"ptxas spilled registers: sm_{cap} {dtype} {cache} cache, {config}"
+    return compiled
 
 for cap in (90, 80):
     attention(cap, torch.bfloat16, 128, 4, False, False)  # Llama-3-8B prefill / mixed
