@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import re
 import time
 from collections import deque
@@ -76,6 +77,9 @@ class LLM:
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be >= 1")
+        if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2 (a prompt token and a generated one) or None "
+                             f"(the model's limit), got {max_model_len!r}")
         path = resolve_model_path(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         config, weights = load_config_and_weights(path)  # weights: lazy, read by load_weights below
@@ -101,7 +105,12 @@ class LLM:
 
         bytes_per_token = ModelRunner.kv_bytes_per_token(config, self.kv_cache_dtype)
         budget = self._kv_budget(kv_cache_memory, gpu_memory_utilization, bytes_per_token * max_model_len * max_num_seqs)
-        num_blocks = max(1, budget // (bytes_per_token * block_size))
+        num_blocks = budget // (bytes_per_token * block_size)
+        if num_blocks < 1:
+            hint = ("raise kv_cache_memory" if kv_cache_memory is not None or self.device.type == "cpu"
+                    else "free GPU memory or raise gpu_memory_utilization")
+            raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {block_size} tokens "
+                             f"({bytes_per_token * block_size} bytes); {hint}")
         capacity = num_blocks * block_size
         if capacity < max_model_len:
             logger.warning("KV cache holds %d tokens < max_model_len %d: capping max_model_len", capacity, max_model_len)
@@ -127,7 +136,10 @@ class LLM:
 
     def _kv_budget(self, kv_cache_memory, gpu_memory_utilization: float, useful_bytes: int) -> int:
         if kv_cache_memory is not None:
-            return parse_bytes(kv_cache_memory)
+            size = parse_bytes(kv_cache_memory)
+            if size <= 0:
+                raise ValueError(f"kv_cache_memory must be a positive size such as '4GiB', got {kv_cache_memory!r}")
+            return size
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # blocks the allocator cached while loading count as used otherwise
             free, total = torch.cuda.mem_get_info(self.device)
@@ -150,7 +162,8 @@ class LLM:
         """Generate for strings, token-id lists, or a mix; outputs come back in input order.
         on_finish(index, output) is called as each request finishes (to write results as they come).
         A request that cannot be served (empty, too long) gets an output with `error` set."""
-        results: list[RequestOutput | None] = [None] * len(_as_list(prompts))
+        prompts = _as_list(prompts)
+        results: list[RequestOutput | None] = [None] * len(prompts)
         for index, output in self._run(prompts, sampling_params, use_tqdm):
             results[index] = output
             if on_finish is not None:
@@ -191,31 +204,57 @@ class LLM:
         engine = self.engine
         if engine.has_unfinished_requests():
             raise RuntimeError("LLM.generate is not re-entrant: finish the previous generate/stream call first")
-        ids = {}
-        for index, (prompt, p) in enumerate(zip(prompts, params)):
-            request_id = str(index)
-            try:
-                engine.add_request(request_id, prompt, p)
-                ids[request_id] = index
-            except ValueError as exc:
-                logger.warning("%s", exc)
-                yield index, _error_output(request_id, prompt, str(exc))
-        progress = _Progress(len(ids), use_tqdm)
-        try:
+        ids, progress = {}, None
+        try:  # whatever ends this generator (an error, a consumer that stops) leaves the engine empty
+            for index, (prompt, p) in enumerate(zip(prompts, params)):
+                request_id = str(index)
+                try:
+                    engine.add_request(request_id, prompt, p)
+                    ids[request_id] = index
+                except ValueError as exc:
+                    logger.warning("%s", exc)
+                    yield index, _error_output(request_id, prompt, str(exc))
+            progress = _Progress(len(ids), use_tqdm)
             while engine.has_unfinished_requests():
                 finished, stats = engine.step()
                 progress.update(len(finished), stats)
                 for output in finished:
                     yield ids[output.request_id], output
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
             engine.abort_all()
 
 
 def _as_list(prompts) -> list[Prompt]:
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-        return [prompts]
-    return list(prompts)
+    """One prompt or many (any iterable, consumed once) as a list of strings and token-id lists.
+    A prompt may also be vLLM's {"prompt": text} or {"prompt_token_ids": ids}; ids may be numpy or
+    torch integers."""
+    if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
+        prompts = [prompts]
+    return [_prompt(p, index) for index, p in enumerate(prompts)]
+
+
+def _is_token_ids(value) -> bool:
+    if hasattr(value, "tolist") and hasattr(value, "ndim"):  # a numpy array or torch tensor
+        return value.ndim == 1
+    return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], numbers.Integral)
+
+
+def _prompt(prompt, index: int) -> Prompt:
+    if isinstance(prompt, dict):
+        if set(prompt) not in ({"prompt"}, {"prompt_token_ids"}):
+            raise ValueError(f"prompt {index}: a dict prompt holds 'prompt' (text) or 'prompt_token_ids', "
+                             f"got keys {sorted(prompt)}")
+        prompt = next(iter(prompt.values()))
+    if isinstance(prompt, str):
+        return prompt
+    if hasattr(prompt, "tolist") and getattr(prompt, "ndim", None) == 1:
+        prompt = prompt.tolist()
+    if isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+        return [int(t) for t in prompt]
+    raise ValueError(f"prompt {index}: expected a string or a list of token ids (integers), got {prompt!r:.80}")
 
 
 def _params_for(prompts: list, sampling_params) -> list[SamplingParams]:
