@@ -27,6 +27,51 @@ def test_stop_token_ids_and_min_tokens(tiny_llama):
     assert stop_id not in out.outputs[0].token_ids[: first + 2]
 
 
+def test_stop_token_text_is_left_out_unless_asked_for(tiny_llama):
+    """As vLLM: the stop token's id ends token_ids, its text is not in the text (EOS alike)."""
+    path, _, tok = tiny_llama
+    llm = make_llm(path)
+    prompt = random_prompts(len(tok), [10], seed=11)[0]
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)[0]
+    ids = free.outputs[0].token_ids
+    stop_id = next(t for t in ids[2:] if tok.decode([t]).strip())  # a token with visible text
+    for include in (False, True):
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_id],
+                                                    include_stop_str_in_output=include), use_tqdm=False)[0].outputs[0]
+        assert out.token_ids[-1] == stop_id and out.stop_reason == stop_id
+        assert out.text == tok.decode(out.token_ids if include else out.token_ids[:-1], skip_special_tokens=True)
+
+
+def test_min_tokens_passes_over_stop_strings_that_end_before_it(tiny_llama):
+    """As vLLM: stop strings count from the min_tokens-th token on, and only where they end in text
+    from then on; one whole in the earlier text is passed over."""
+    path, _, tok = tiny_llama
+    llm = make_llm(path)
+    prompt = random_prompts(len(tok), [7], seed=12)[0]
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ids = llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    texts = [tok.decode(ids[:i], skip_special_tokens=True) for i in range(len(ids) + 1)]
+    text = texts[-1]
+    # A character that first ends in the text of token `early` and shows up again later on.
+    stop, early = next((c, i) for c in sorted(set(text)) if c.strip() and text.count(c) > 1
+                       for i in range(1, len(ids)) if c in texts[i] and text.rfind(c) >= len(texts[i]))
+    min_tokens = early + 1
+    at = text.find(stop, len(texts[early]))  # the first one that ends after the first min_tokens - 1 tokens
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=stop,
+                                                min_tokens=min_tokens), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:at] and len(out.token_ids) >= min_tokens
+    assert text.find(stop) < at  # without min_tokens it would have stopped earlier
+
+
+def test_max_tokens_none_runs_to_the_context_length(tiny_llama):
+    path, _, tok = tiny_llama
+    llm = make_llm(path, max_model_len=24)
+    out = llm.generate(random_prompts(len(tok), [10]), SamplingParams(max_tokens=None, ignore_eos=True, seed=3),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 14 and out.finish_reason == "length"
+
+
 def test_stop_strings_truncate_text(tiny_llama):
     path, model, tok = tiny_llama
     llm = make_llm(path)

@@ -67,15 +67,17 @@ class LLMEngine:
                 f"request {request_id}: the prompt has {len(token_ids)} tokens but max_model_len is "
                 f"{self.max_model_len} (model length and KV budget); shorten it to at most {self.max_model_len - 1}"
             )
-        grammar = None
-        if params.json_schema_text is not None:
-            try:
-                grammar = self.structured_outputs.grammar(params.json_schema_text)
-            except ValueError as exc:
-                raise ValueError(f"request {request_id}: {exc}") from None
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"request {request_id}: stop_token_ids must be token ids in [0, {self.vocab_size})")
+        try:
+            schema = params.json_schema_text
+            grammar = None if schema is None else self.structured_outputs.grammar(schema)
+        except ValueError as exc:
+            raise ValueError(f"request {request_id}: {exc}") from None
         seed = params.seed if params.seed is not None else splitmix64(self.seed ^ splitmix64(self._num_added))
         self._num_added += 1
-        request = Request(request_id, text, token_ids, params, seed, self.eos_token_ids, grammar=grammar)
+        request = Request(request_id, text, token_ids, params, seed, self.eos_token_ids,
+                          params.max_tokens or self.max_model_len, grammar=grammar)
         request.sequences.append(Sequence(request, list(token_ids)))
         self.requests[request_id] = request
         self.scheduler.add(request.sequences[0])
@@ -189,7 +191,7 @@ class LLMEngine:
                 continue
             if count != 1 or not seq.is_plain_decode or seq.matcher:
                 return None
-            if seq.num_output_tokens + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
+            if seq.num_output_tokens + 1 >= seq.request.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
                 ending += 1
                 continue
             rows.append(i)
@@ -253,26 +255,44 @@ class LLMEngine:
             return "stop", None
         if can_stop and token in p.stop_token_ids:
             return "stop", token
-        if can_stop and p.stop_strings:
-            text = self._decode(seq)
-            for stop in p.stop_strings:
-                at = text.find(stop)
-                if at >= 0:
-                    seq.output_text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
-                    return "stop", stop
-        if num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if p.stop_strings:
+            text = self._decode(seq.output_token_ids, seq)
+            if can_stop:
+                # Only stop strings that end in this token's text, as vLLM: one that lay whole in the
+                # text before min_tokens was reached does not count.
+                for stop in p.stop_strings:
+                    at = text.find(stop, max(0, seq.stop_search_from - len(stop) + 1))
+                    if at >= 0:
+                        seq.output_text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
+                        return "stop", stop
+            seq.stop_search_from = len(text)
+        if num_output_tokens >= seq.request.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length", None
         return None
 
-    def _decode(self, seq: Sequence) -> str:
-        ids = seq.output_token_ids
-        if seq.matcher is not None and ids and ids[-1] in seq.request.eos_token_ids:
-            ids = ids[:-1]  # the EOS that ended constrained JSON is no part of its text
+    def _decode(self, ids: list[int], seq: Sequence) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
 
     def output_text(self, seq: Sequence) -> str:
-        """The text a finished sequence reports: cut at its stop string, if one ended it."""
-        return seq.output_text if isinstance(seq.stop_reason, str) else self._decode(seq)
+        """The text a finished sequence reports: cut at its stop string, if one ended it; without the
+        text of the stop token (EOS or one of stop_token_ids) that ended it, as vLLM, unless
+        include_stop_str_in_output."""
+        if isinstance(seq.stop_reason, str):
+            return seq.output_text
+        ids = seq.output_token_ids
+        if seq.finish_reason == "stop" and ids and self._ended_by_token(seq, ids[-1]):
+            ids = ids[:-1]
+        return self._decode(ids, seq)
+
+    @staticmethod
+    def _ended_by_token(seq: Sequence, last: int) -> bool:
+        """Whether the last token of a sequence that stopped is a stop token whose text is left out."""
+        p, eos = seq.params, seq.request.eos_token_ids
+        if seq.matcher is not None:
+            return last in eos  # the EOS after constrained JSON is no part of it
+        if p.include_stop_str_in_output:
+            return False
+        return last in p.stop_token_ids or (not p.ignore_eos and last in eos)
 
     def _finish_request(self, request: Request) -> RequestOutput:
         del self.requests[request.request_id]

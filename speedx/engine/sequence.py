@@ -27,6 +27,7 @@ class Request:
     params: SamplingParams
     seed: int  # the request's own seed, or one drawn from the engine seed
     eos_token_ids: list[int]
+    max_tokens: int  # params.max_tokens, or the context length when that is None
     sequences: list["Sequence"] = field(default_factory=list)
     num_cached_tokens: int = 0
     grammar: Future | None = None  # the compiled JSON-schema grammar (compiled in the background)
@@ -49,6 +50,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     output_text: str = ""
+    stop_search_from: int = 0  # characters of the output text already searched for stop strings
     matcher: object | None = None  # xgrammar GrammarMatcher of a json_schema request; survives preemption
 
     @property
