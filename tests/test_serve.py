@@ -95,17 +95,24 @@ def test_max_tokens_and_stop_strings(client):
     cut = chat(client, temperature=0, max_tokens=20, stop=[stop, "never-seen"], extra_body={"ignore_eos": True})
     assert cut.choices[0].message.content == text[: text.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    neutral = chat(client, temperature=0, max_tokens=20, presence_penalty=0, frequency_penalty=0, logit_bias={},
+                   extra_body={"ignore_eos": True, "repetition_penalty": 1})  # unsupported, but neutral: accepted
+    assert neutral.choices[0].message.content == text
 
 
-@pytest.mark.parametrize("stop", [None, "stop-from-text"])
+@pytest.mark.parametrize("stop", [None, "stop-from-text", "frequent-character-after-min-tokens"])
 def test_streamed_deltas_equal_the_whole_answer(client, stop):
     params = dict(temperature=1.0, seed=7, n=2, max_tokens=24, extra_body={"ignore_eos": True})
     whole = chat(client, **params)
-    if stop:  # a stop string from the middle of sample 0: the stream must never show text past it
-        text = whole.choices[0].message.content
+    text = whole.choices[0].message.content
+    if stop == "stop-from-text":  # a stop string from the middle of sample 0: the stream must never show text past it
         params["stop"] = text[len(text) // 2 : len(text) // 2 + 3]
         whole = chat(client, **params)
         assert whole.choices[0].finish_reason == "stop" and params["stop"] not in whole.choices[0].message.content
+    elif stop:  # streamed before min_tokens is reached, so only a later one may cut the text
+        params["stop"] = max(sorted(c for c in set(text) if c.strip()), key=text.count)
+        params["extra_body"] = {"ignore_eos": True, "min_tokens": 8}
+        whole = chat(client, **params)
     pieces, finish, usage = {0: [], 1: []}, {}, None
     for chunk in chat(client, stream=True, stream_options={"include_usage": True}, **params):
         assert chunk.object == "chat.completion.chunk"
@@ -182,6 +189,12 @@ def _error(response: httpx.Response, status: int) -> dict:
     ({"model": MODEL, "messages": CHAT, "max_tokens": MAX_TOKENS_LIMIT + 1}, "max_tokens"),
     ({"model": MODEL, "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": MODEL, "messages": CHAT, "logprobs": True}, "logprobs"),
+    ({"model": MODEL, "messages": CHAT, "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": MODEL, "messages": CHAT, "frequency_penalty": -1}, "frequency_penalty"),
+    ({"model": MODEL, "messages": CHAT, "repetition_penalty": 1.2}, "repetition_penalty"),
+    ({"model": MODEL, "messages": CHAT, "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"model": MODEL, "messages": CHAT, "stream": "yes"}, "stream"),
+    ({"model": MODEL, "messages": CHAT, "n": True}, "n"),
     ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format"),
 ])

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from speedx.engine.outputs import RequestOutput
@@ -162,10 +162,13 @@ class _API:
             return StreamingResponse(self._stream(queue, reply, body.include_usage, ids), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         outputs = await self._collect(request, queue, ids, chat)
+        if outputs is None:  # nobody reads this; 499 is nginx's "client closed request"
+            return Response(status_code=499)
         return JSONResponse(reply.complete(outputs))
 
-    async def _collect(self, request: Request, queue: asyncio.Queue, ids: list[str], chat: bool) -> list[RequestOutput]:
-        """Wait for every output; abort the requests if the client disconnects first."""
+    async def _collect(self, request: Request, queue: asyncio.Queue, ids: list[str],
+                       chat: bool) -> list[RequestOutput] | None:
+        """Wait for every output; abort the requests and return None if the client disconnects first."""
         outputs: dict[str, RequestOutput] = {}
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -174,7 +177,7 @@ class _API:
                 await asyncio.wait((get, gone), return_when=asyncio.FIRST_COMPLETED)
                 if not get.done():
                     get.cancel()
-                    raise asyncio.CancelledError("client disconnected")
+                    return None
                 event = get.result()
                 if isinstance(event, Failure):
                     raise _engine_error(event.message, event.status, chat)

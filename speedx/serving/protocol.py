@@ -1,8 +1,9 @@
 """OpenAI request shapes (validated with pydantic), their mapping to SamplingParams, and error bodies.
 
 Unknown fields are ignored, as OpenAI does. Features this server does not implement (logprobs,
-tools, echo, best_of > 1, suffix) are rejected with a 400 rather than silently dropped, since a
-client relying on them would otherwise get wrong results without noticing.
+tools, echo, best_of > 1, suffix, presence/frequency/repetition penalties, logit_bias) are rejected
+with a 400 rather than silently dropped, since a client relying on them would otherwise get wrong
+results without noticing; their neutral values (0, 1 for repetition_penalty, {}) are accepted.
 """
 
 from __future__ import annotations
@@ -59,20 +60,29 @@ class SamplingRequest(_Body):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str | None = None  # optional here (curl convenience); if given it must be the served model
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: int = Field(1, ge=1, le=MAX_N, strict=True)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     # Extensions with vLLM's names (the official client sends them through extra_body).
     top_k: int = Field(-1, ge=-1)
     min_p: float = Field(0.0, ge=0, le=1)
     min_tokens: int = Field(0, ge=0)
-    ignore_eos: bool = False
+    ignore_eos: bool = Field(False, strict=True)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
+    @classmethod
+    def _unsupported_sampling(cls, value, info):  # (a subclass's `_unsupported` would replace it)
+        return _reject_if_set(value, info.field_name)
 
     @field_validator("stop")
     @classmethod
@@ -111,7 +121,7 @@ class SamplingRequest(_Body):
 
 
 def _reject_if_set(value, name: str):
-    if value in (None, False, 0, "", []) or (name == "best_of" and value == 1):
+    if value in (None, False, 0, "", [], {}) or (name in ("best_of", "repetition_penalty") and value == 1):
         return value
     raise ValueError(f"{name} is not supported by this server")
 
