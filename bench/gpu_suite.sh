@@ -118,7 +118,8 @@ if [ -z "${SKIP_8B:-}" ]; then
     # The same grid with the fp8 KV cache (half the KV bytes: all 256 sequences fit on an H100), then
     # without async scheduling (on a GPU decode steps are launched a step ahead by default).
     step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
-    step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --set $V_KEYS \
+    tile=$(best_v_keys_tile "$RESULTS/kernels.json")  # from step 2's sweep, if it ran
+    step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --set $V_KEYS --set "$FP8_TILE=$tile" \
         --out "$RESULTS/throughput_8b_1024x1024_fp8kv_vkeys.json"
     step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --set $PREFILL_128 \
         --out "$RESULTS/throughput_8b_1024x1024_fp8kv_prefill128.json"
