@@ -162,6 +162,62 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path, monkeypatch):
         train_embedder(rows, cfg)
 
 
+def mined_like_rows(n: int) -> list[dict]:
+    """Rows whose hard negative is the next row's positive, as mining often gives: a batch cannot
+    hold both rows (the negative would be a false in-batch negative), so the sampler defers one."""
+    return [{"anchor": f"query: what does {NAMES[i]} do?", "positive": JOBS[i], "negatives": [JOBS[(i + 1) % n]]}
+            for i in range(n)]
+
+
+def test_no_duplicates_sampler_length_is_the_batches_a_pass_yields():
+    from speedx.embed.trainer import ExactNoDuplicatesBatchSampler
+
+    rows = mined_like_rows(22)
+    sampler = ExactNoDuplicatesBatchSampler(to_dataset(rows), batch_size=16, drop_last=False,
+                                            generator=torch.Generator(), seed=0)
+    batches = list(sampler)
+    assert len(batches) > math.ceil(22 / 16)  # deferred rows make extra batches ...
+    assert len(sampler) == len(batches)  # ... which len(), the Trainer's step count, includes
+    assert sorted(i for batch in batches for i in batch) == list(range(22))
+    for batch in batches:
+        texts = [t for i in batch for t in (rows[i]["anchor"], rows[i]["positive"], *rows[i]["negatives"])]
+        assert len(texts) == len(set(texts))
+    sampler.set_epoch(1)
+    assert sorted(i for batch in sampler for i in batch) == list(range(22))
+
+
+def test_training_sees_every_row_and_a_one_step_run_trains(monkeypatch):
+    """Deferred rows are not cut off the epoch; the single step of a 1-step run has a learning rate
+    above 0 (warmup steps round down)."""
+    from sentence_transformers import SentenceTransformer
+
+    from speedx.embed.default_embedder import resolve_embedder
+    from speedx.embed.losses import InfoNCELoss
+    from speedx.embed.trainer import TrainConfig, train_embedder
+
+    anchors = []
+    real_forward = InfoNCELoss.forward
+    monkeypatch.setattr(InfoNCELoss, "forward",
+                        lambda self, features, labels=None: anchors.append(len(features[0]["input_ids"]))
+                        or real_forward(self, features, labels))
+    rows = mined_like_rows(22)
+    model, stats = train_embedder(rows, TrainConfig(batch_size=64, device="cpu", progress=False))
+    assert sum(anchors) == 22 and stats["steps"] == len(anchors) > 1
+
+    base = SentenceTransformer(resolve_embedder("default"), device="cpu")
+    model, stats = train_embedder(rows, TrainConfig(batch_size=4, max_steps=1, device="cpu", progress=False))
+    assert stats["steps"] == 1
+    changed = [not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values())]
+    assert any(changed)
+
+
+def test_an_encoder_stays_without_lora_under_any_pooling():
+    from speedx.embed.trainer import TrainConfig, load_model
+
+    model, use_lora = load_model(TrainConfig(pooling="lasttoken", device="cpu"))
+    assert model[1].pooling_mode == "lasttoken" and not use_lora
+
+
 def test_decoder_last_token_pooling_with_lora_trains_merges_and_loads(tmp_path, tiny_llama):
     from peft import PeftModel
     from safetensors.torch import load_file

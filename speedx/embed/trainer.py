@@ -12,6 +12,7 @@ or accelerate (then every process scores its queries against the documents of al
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 from sentence_transformers.base.losses.gradcache import CachedLossMixin
+from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 from torch import Tensor, nn
 
 from speedx.embed.data import to_dataset
@@ -98,11 +100,11 @@ def load_model(cfg: TrainConfig):
     if (Path(path) / "modules.json").is_file():  # a sentence-transformers directory
         model = SentenceTransformer(path, device=device, local_files_only=True)
         pool = next((m for m in model if isinstance(m, Pooling)), None)
+        decoder = pool is not None and pool.pooling_mode == "lasttoken"  # as saved, before --pooling
         if cfg.pooling != "auto":
             if pool is None:
                 raise ValueError(f"{path} has no Pooling module to set to {cfg.pooling}")
             pool.pooling_mode = cfg.pooling
-        decoder = pool is not None and pool.pooling_mode == "lasttoken"
     else:
         decoder = is_causal_lm(path)
         pooling = cfg.pooling if cfg.pooling != "auto" else ("lasttoken" if decoder else "mean")
@@ -207,6 +209,33 @@ def build_loss(model, cfg: TrainConfig, gather_across_devices: bool = False) -> 
 
 # ---------------------------------------------------------------------------------------------- train
 
+class ExactNoDuplicatesBatchSampler(NoDuplicatesBatchSampler):
+    """sentence-transformers' NoDuplicatesBatchSampler, whose len() is the number of batches a pass
+    really yields. A row that shares a text with the batch (mined negatives are often other rows'
+    positives) is deferred to a later batch, so a pass can yield more, smaller batches than
+    ceil(rows / batch_size); the Trainer sizes the run from len() and would cut those off the end."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._passes: dict[int, list[list[int]]] = {}  # epoch -> its batches (the current one only)
+        self._sampling = False
+
+    def _batches(self) -> list[list[int]]:
+        if self.epoch not in self._passes:
+            self._sampling = True  # the parent's __iter__ asks len() for the nominal count
+            try:
+                self._passes = {self.epoch: list(super().__iter__())}
+            finally:
+                self._sampling = False
+        return self._passes[self.epoch]
+
+    def __len__(self) -> int:
+        return super().__len__() if self._sampling else len(self._batches())
+
+    def __iter__(self):
+        return iter(self._batches())
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -215,7 +244,6 @@ def train_embedder(rows: list[dict], cfg: TrainConfig, out_dir: str | Path | Non
     """Train cfg.model on rows ({"anchor", "positive", "negatives"}) and return (model, stats); with
     out_dir, save the model there (plus speedx_train.json)."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers
     from transformers import set_seed
 
     cfg.check()
@@ -230,6 +258,10 @@ def train_embedder(rows: list[dict], cfg: TrainConfig, out_dir: str | Path | Non
                          "or use --max-negatives 0")
     loss = build_loss(model, cfg, gather_across_devices=distributed)
     on_gpu = model.device.type == "cuda"
+    # Whole warmup steps, rounded down: the first warmup step has a learning rate of 0, so a run of
+    # fewer than 1 / warmup_ratio steps gets none (with HF's rounding up, a 1-step run would not train).
+    steps = cfg.max_steps or math.ceil(cfg.epochs * math.ceil(len(rows) / (cfg.batch_size * world_size())))
+    warmup_steps = int(cfg.warmup_ratio * steps)
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         args = SentenceTransformerTrainingArguments(
@@ -238,10 +270,10 @@ def train_embedder(rows: list[dict], cfg: TrainConfig, out_dir: str | Path | Non
             max_steps=cfg.max_steps or -1,
             per_device_train_batch_size=cfg.batch_size,
             learning_rate=cfg.lr or (1e-4 if use_lora else 2e-5),
-            warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of the steps
+            warmup_steps=warmup_steps,
             lr_scheduler_type="linear",
             bf16=on_gpu and torch.cuda.is_bf16_supported(),
-            batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch would be a false negative
+            batch_sampler=ExactNoDuplicatesBatchSampler,  # a duplicate in the batch would be a false negative
             dataloader_drop_last=distributed,
             dataloader_pin_memory=on_gpu,
             use_cpu=not on_gpu,  # also what makes torchrun on CPUs run DDP (gloo)
