@@ -97,6 +97,11 @@ def run(args) -> int:
         default = args.data == DEFAULT_DATA
         hint = "run `python -m speedx.generate` first or pass --data FILE" if default else "check --data"
         raise ValueError(f"no training data at {data}: {hint}")
+    if tasks:
+        from speedx.embed.evaluation import resolve_task
+
+        for task in tasks:  # an unknown name fails now, not after training
+            resolve_task(task)
     rows = load_training_rows(data, max_negatives=args.max_negatives)
     if sizes:
         nested_subsets(rows, sizes)  # a size above the data is an error before anything loads

@@ -304,6 +304,16 @@ def test_cli_bad_input_exits_2(args, message, capsys, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_cli_unwritable_out_and_unloadable_model_fail_first(tmp_path, capsys, sts_tsv):
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text('{"model_type": "bert"}')
+    for args, message in ((["--out", str(tmp_path)], "is a directory"),
+                          (["--model", str(tmp_path / "config-only")], "could not load an embedding model")):
+        assert main(["--tasks", str(sts_tsv), "--out", str(tmp_path / "x.json"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err
+
+
 def test_cli_malformed_tsv_subprocess(tmp_path):
     bad = write_tsv(tmp_path / "bad.tsv", ("text", "score"), [("a", 1)])
     proc = subprocess.run([sys.executable, "-m", "speedx.eval", "--tasks", str(bad)],

@@ -273,16 +273,28 @@ def write_jsonl(path, rows):
     ("window", ["--input", "{tmp}/ok.jsonl", "--range-min", "50", "--range-max", "10"], "range_min (50) must be smaller"),
     ("count", ["--input", "{tmp}/ok.jsonl", "--num-negatives", "0"], "num_negatives must be >= 1"),
     ("model", ["--input", "{tmp}/ok.jsonl", "--model", "{tmp}/no-such-model"], "is not a directory"),
+    ("no-weights", ["--input", "{tmp}/ok.jsonl", "--model", "{tmp}/config-only"], "could not load an embedding model"),
+    ("empty-negative", ["--input", "{tmp}/bad-negative.jsonl"], "bad-negative.jsonl:1: field 'negatives' must be"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, case, args, message):
     write_jsonl(tmp_path / "ok.jsonl", RECORDS[:2])
     write_jsonl(tmp_path / "bad.jsonl", [RECORDS[0], {"query": "q without a positive"}])
+    write_jsonl(tmp_path / "bad-negative.jsonl", [{**RECORDS[0], "negatives": [""]}])
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text('{"model_type": "bert"}')
     (tmp_path / "empty.txt").write_text("\n\n")
     argv = [a.format(tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "out.jsonl")]
     assert mine_cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_never_overwrites_its_input(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "mined.jsonl", RECORDS[:2])  # re-mining the default output's name
+    before = path.read_text()
+    assert mine_cli.main(["--input", str(path)]) == 2
+    assert "would overwrite --input" in capsys.readouterr().err and path.read_text() == before
 
 
 def test_cli_process_exit_code_has_no_traceback(tmp_path):

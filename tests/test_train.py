@@ -283,7 +283,7 @@ def test_nested_subsets_and_sizes():
 
 
 def test_cli_scaling_study_with_a_stub_evaluator(tmp_path, monkeypatch, capsys):
-    from speedx.embed import scaling
+    from speedx.embed import evaluation, scaling
 
     scores = iter([0.2] + [0.3 + 0.02 * math.log(n) for n in (8, 16, 32)])  # base model, then each size
     seen = []
@@ -293,6 +293,7 @@ def test_cli_scaling_study_with_a_stub_evaluator(tmp_path, monkeypatch, capsys):
         return {t: {"main_score": s} for t, s in zip(tasks, [next(scores)] * len(tasks))}
 
     monkeypatch.setattr(scaling, "default_evaluator", fake_evaluate)
+    monkeypatch.setattr(evaluation, "resolve_task", lambda spec: spec)  # the stub's task "toy" is known
     data = write_jsonl(tmp_path / "examples.jsonl", toy_examples())
     out = tmp_path / "scaling"
     rc = main(["--data", data, "--out", str(out), "--scaling", "32,8,16", "--max-steps", "1", "--batch-size", "4",
@@ -315,13 +316,25 @@ def test_cli_scaling_study_with_a_stub_evaluator(tmp_path, monkeypatch, capsys):
     (["--data", "{tmp}/ok.jsonl", "--scaling", "a,b"], "bad --scaling"),
     (["--data", "{tmp}/ok.jsonl", "--batch-size", "0"], "batch-size must be >= 1"),
     (["--data", "{tmp}/ok.jsonl", "--model", "{tmp}/no-such-model", "--out", "{tmp}/o"], "is not a directory"),
+    (["--data", "{tmp}/ok.jsonl", "--model", "{tmp}/config-only", "--out", "{tmp}/o"], "could not load a model from"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "bad.jsonl").write_text('{"query": "q"}\n')
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text('{"model_type": "bert"}')
     write_jsonl(tmp_path / "ok.jsonl", toy_examples()[:2])
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_unknown_eval_task_fails_before_training(tmp_path, capsys, monkeypatch):
+    from speedx.embed import trainer
+
+    monkeypatch.setattr(trainer, "train_embedder", lambda *a, **k: pytest.fail("trained before checking the tasks"))
+    data = write_jsonl(tmp_path / "ok.jsonl", toy_examples()[:2])
+    assert main(["--data", data, "--eval-tasks", "nosuchtask", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown task 'nosuchtask'" in capsys.readouterr().err
 
 
 def test_cli_module_help_and_default_data_hint(tmp_path):

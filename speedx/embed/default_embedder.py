@@ -28,3 +28,16 @@ def resolve_embedder(name_or_path: str | Path) -> str:
     if str(name_or_path) in ("default", DEFAULT_EMBEDDER_NAME, f"sentence-transformers/{DEFAULT_EMBEDDER_NAME}"):
         return str(default_embedder_path())
     return str(name_or_path)
+
+
+def load_sentence_transformer(path: str | Path, **kwargs):
+    """SentenceTransformer(path) from a local directory, with a one-line ValueError (instead of a deep
+    traceback) when the directory holds no loadable model."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(str(path), local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"could not load an embedding model from {path}: {reason} (give 'default' or a "
+                         "sentence-transformers / transformers model directory)") from None

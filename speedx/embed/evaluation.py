@@ -277,9 +277,7 @@ def _offline() -> Iterator[None]:
 
 def load_model(model: Any, device: str | None = None):
     """'default' or a local directory -> a SentenceTransformer; a loaded model is returned as is."""
-    from sentence_transformers import SentenceTransformer
-
-    from speedx.embed.default_embedder import resolve_embedder
+    from speedx.embed.default_embedder import load_sentence_transformer, resolve_embedder
 
     if not isinstance(model, (str, Path)):
         return model
@@ -295,7 +293,10 @@ def load_model(model: Any, device: str | None = None):
         if not torch.cuda.is_available():
             raise EvalInputError(f"--device {device}: no CUDA device here; use --device cpu")
     with _offline():
-        return SentenceTransformer(path, device=device)
+        try:
+            return load_sentence_transformer(path, device=device)
+        except ValueError as exc:
+            raise EvalInputError(str(exc)) from None
 
 
 def _preload(task, spec: str) -> None:
@@ -327,6 +328,8 @@ def evaluate_model(model: Any, tasks: list[Any], batch_size: int = 64, device: s
     if isinstance(tasks, (str, Path)):
         tasks = [tasks]
     started = time.time()
+    if out is not None:
+        check_writable_file(out)  # before the tasks run, not after
     # Every spec is checked before any model work; a task object is keyed by its name.
     resolved = {(str(s) if isinstance(s, (str, Path)) else s.metadata.name): resolve_task(s) for s in tasks}
     st_model = load_model(model, device)
@@ -367,6 +370,18 @@ def evaluate_model(model: Any, tasks: list[Any], batch_size: int = 64, device: s
         write_results(out, model, results, started=started, batch_size=batch_size, device=str(st_model.device),
                       query_instruction=query_instruction)
     return results
+
+
+def check_writable_file(path: str | Path) -> None:
+    path = Path(path)
+    if path.is_dir():
+        raise EvalInputError(f"--out {path} is a directory: give a .json file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvalInputError(f"cannot create the folder of --out {path}: {exc.strerror}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise EvalInputError(f"--out {path} is not writable")
 
 
 def write_results(path: str | Path, model: Any, results: dict[str, dict], started: float, **settings: Any) -> None:

@@ -71,6 +71,11 @@ def read_records(path: Path) -> list[dict]:
         if not isinstance(record, dict) or not all(isinstance(record.get(f), str) and record[f].strip()
                                                    for f in ("query", "positive")):
             raise ValueError(f"{path}:{number}: each line needs non-empty string fields 'query' and 'positive'")
+        negatives = record.get("negatives", [])
+        if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+            raise ValueError(f"{path}:{number}: field 'negatives' must be a list of non-empty strings")
+        if not isinstance(record.get("instruction", ""), str):
+            raise ValueError(f"{path}:{number}: field 'instruction' must be a string")
         records.append(record)
     if not records:
         raise ValueError(f"--input {path} holds no records")
@@ -88,7 +93,8 @@ def read_corpus(path: Path) -> list[str]:
             item = f"{item['title']} {item['text']}" if item.get("title") else item["text"]
         if not isinstance(item, str):
             raise ValueError(f"{path}:{number}: must be a JSON string or an object with a string 'text'")
-        texts.append(item)
+        if item.strip():  # (an empty document is no candidate, as a blank line in a text corpus)
+            texts.append(item)
     return texts
 
 
@@ -109,6 +115,8 @@ def check_arguments(args) -> dict:
         if not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but no CUDA device is available: use --device cpu")
     out = Path(args.out) if args.out else Path(args.input).with_name("mined.jsonl")
+    if out.resolve() == Path(args.input).resolve():
+        raise ValueError(f"--out {out} would overwrite --input: pass another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:  # unreadable input, unwritable output
-        print(f"error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        print(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return EXIT_BAD_INPUT
 
     counts = [len(r["mined_negative_scores"]) for r in mined]

@@ -105,11 +105,9 @@ def select_negatives(
 
 def load_embedder(model: str = "default", device: str | None = None):
     """A SentenceTransformer from 'default' (the bundled all-MiniLM-L6-v2) or a local directory."""
-    from sentence_transformers import SentenceTransformer
+    from speedx.embed.default_embedder import load_sentence_transformer, resolve_embedder
 
-    from speedx.embed.default_embedder import resolve_embedder
-
-    return SentenceTransformer(resolve_embedder(model), device=device)
+    return load_sentence_transformer(resolve_embedder(model), device=device)
 
 
 def encode(model, texts: Sequence[str], batch_size: int = 64, show_progress_bar: bool = False) -> np.ndarray:

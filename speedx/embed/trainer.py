@@ -26,7 +26,7 @@ from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 from torch import Tensor, nn
 
 from speedx.embed.data import to_dataset
-from speedx.embed.default_embedder import resolve_embedder
+from speedx.embed.default_embedder import load_sentence_transformer, resolve_embedder
 from speedx.embed.losses import InfoNCELoss
 
 POOLINGS = ("auto", "mean", "lasttoken")
@@ -98,7 +98,7 @@ def load_model(cfg: TrainConfig):
     if on_gpu:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # under torchrun, each process on its own GPU
     if (Path(path) / "modules.json").is_file():  # a sentence-transformers directory
-        model = SentenceTransformer(path, device=device, local_files_only=True)
+        model = load_sentence_transformer(path, device=device)
         pool = next((m for m in model if isinstance(m, Pooling)), None)
         decoder = pool is not None and pool.pooling_mode == "lasttoken"  # as saved, before --pooling
         if cfg.pooling != "auto":
@@ -111,8 +111,12 @@ def load_model(cfg: TrainConfig):
         use_lora = cfg.lora if cfg.lora is not None else decoder
         # Frozen decoder weights can sit in bf16 on a GPU; trained weights stay fp32 (autocast does bf16).
         dtype = torch.bfloat16 if on_gpu and use_lora and decoder else torch.float32
-        transformer = Transformer(path, model_kwargs={"dtype": dtype}, config_kwargs={"local_files_only": True},
-                                  processor_kwargs={"local_files_only": True})
+        try:
+            transformer = Transformer(path, model_kwargs={"dtype": dtype}, config_kwargs={"local_files_only": True},
+                                      processor_kwargs={"local_files_only": True})
+        except (OSError, ValueError, KeyError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"could not load a model from {path}: {reason}") from None
         if transformer.max_seq_length is None or transformer.max_seq_length > 100_000:
             transformer.max_seq_length = DECODER_MAX_LENGTH
         model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling),
