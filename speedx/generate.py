@@ -82,8 +82,23 @@ def check_arguments(args) -> dict:
         raise ValueError("--max-tokens must be >= 16: an example needs room for its JSON")
     if args.max_attempts < 1:
         raise ValueError("--max-attempts must be >= 1")
+    if args.num_topics is not None and args.num_topics < 1:
+        raise ValueError("--num-topics must be >= 1")
     if args.revisor_lora and not args.revisor:
         raise ValueError("--revisor-lora needs --revisor (the base model the adapter was trained on)")
+    from speedx import SamplingParams
+    from speedx.models.loader import resolve_model_path
+
+    try:
+        SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    except ValueError as exc:
+        raise ValueError(f"--temperature / --top-p: {str(exc).removeprefix('SamplingParams: ')}") from None
+    for flag, model in (("--model", args.model), ("--revisor", args.revisor)):
+        if model is not None:
+            try:
+                resolve_model_path(model)
+            except FileNotFoundError as exc:
+                raise ValueError(f"{flag}: {exc}") from None
     for flag, adapter in (("--lora", args.lora), ("--revisor-lora", args.revisor_lora)):
         if adapter and not (Path(adapter) / "adapter_config.json").is_file():
             raise ValueError(f"{flag} {adapter}: not a PEFT adapter directory (no adapter_config.json)")

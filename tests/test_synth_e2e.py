@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,10 +73,13 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, tasks_file):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done_before = {r["id"] for r in read(out / "examples.jsonl", True) + read(out / "rejected.jsonl", True)}
+    killed_wall = json.loads((out / "manifest.json").read_text())["wall_seconds"]
+    assert killed_wall > 1  # the killed process's generating time is on disk (every 2 s): the cost counts it
     assert generate_main(["--tasks", str(tasks_file), "--num-examples", "6", "--out", str(out), *COMMON]) == 0
     check_run(out, 6)
     kept = {r["id"] for r in read(out / "examples.jsonl") + read(out / "rejected.jsonl")}
     assert done_before <= kept  # nothing finished before the kill was lost
+    assert json.loads((out / "manifest.json").read_text())["wall_seconds"] > killed_wall
 
 
 def test_shards_merged_equal_one_run(tmp_path, tasks_file):
@@ -94,6 +98,37 @@ def test_shards_merged_equal_one_run(tmp_path, tasks_file):
     one, both = check_run(single, 4), check_run(merged, 4)
     assert {r["slot"]: r["raw"] for r in one} == {r["slot"]: r["raw"] for r in both}
     assert (merged / "sentence-transformers" / "triplets.parquet").is_file()
+    assert output_tokens(merged) == sum(map(output_tokens, shards))
+
+
+def output_tokens(run: Path) -> int:
+    return json.loads((run / "manifest.json").read_text())["tokens"]["output_tokens"]
+
+
+def test_merge_refuses_what_is_not_one_run_and_counts_dropped_duplicates(tmp_path, tasks_file, capsys):
+    shard = tmp_path / "shard0"
+    assert generate_main(["--tasks", str(tasks_file), "--num-examples", "2", *COMMON, "--shard", "0/2",
+                          "--out", str(shard)]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(shard, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+
+    def merge_with_copy(**changes) -> tuple[int, str]:
+        (copy / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+        code = generate_main(["merge", str(shard), str(copy), "--out", str(tmp_path / "merged")])
+        return code, capsys.readouterr().err
+
+    as_shard_1 = {**manifest["config"], "shard": "1/2"}
+    assert merge_with_copy() == (2, "error: two directories hold the same --shard (0/2, 0/2)\n")
+    code, err = merge_with_copy(config={**as_shard_1, "seed": 5})
+    assert code == 2 and "other settings than" in err and "(seed)" in err
+    code, err = merge_with_copy(config=as_shard_1, status="running")
+    assert code == 2 and "resume it" in err
+    assert generate_main(["merge", str(shard), str(shard), "--out", str(tmp_path / "merged")]) == 2
+    assert "named twice" in capsys.readouterr().err
+    # The copy posing as the other shard: all its examples are duplicates, whose tokens still count.
+    assert merge_with_copy(config=as_shard_1) == (0, "")
+    assert output_tokens(tmp_path / "merged") == 2 * output_tokens(shard)
 
 
 def test_resume_refuses_changed_arguments(tmp_path, tasks_file, capsys):
@@ -112,10 +147,33 @@ def test_default_command_small(tmp_path, monkeypatch):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tasks"]["source"] == "brainstorm"
     assert read(out / "tasks.jsonl")
-    assert manifest["cost"]["output_tokens"] > 0
+    brainstorm = manifest["tasks"]["output_tokens"]
+    assert brainstorm > 0 and manifest["cost"]["output_tokens"] == manifest["tokens"]["output_tokens"] + brainstorm
     for record in read(out / "examples.jsonl"):
         assert record["family"] in ("classification", "sts", "retrieval", "short_short", "long_long")
     assert (out / "sentence-transformers" / "triplets.jsonl").exists()
+    # A re-run resumes the finished run: how its tasks were made (and what that cost) is kept.
+    assert generate_main(["--num-examples", "3", "--num-topics", "2", "--max-tokens", "200", "--no-progress"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["tasks"] == manifest["tasks"]
+
+
+def test_a_run_that_failed_after_writing_its_tasks_resumes_only_with_its_settings(tmp_path, tasks_file, monkeypatch,
+                                                                                   capsys):
+    from speedx.synth import cli_run
+
+    def failing_planner(*args):
+        raise RuntimeError("the run failed after writing tasks.jsonl")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(cli_run, "Planner", failing_planner)
+    with pytest.raises(RuntimeError):
+        generate_main(["--tasks", str(tasks_file), "--num-examples", "2", "--out", str(out), *COMMON])
+    assert read(out / "tasks.jsonl")
+    monkeypatch.undo()
+    other = tmp_path / "other-tasks.jsonl"
+    other.write_text(json.dumps({"task": "Sentences about trains.", "family": "sts"}) + "\n")
+    assert generate_main(["--tasks", str(other), "--num-examples", "2", "--out", str(out), *COMMON]) == 2
+    assert "holds a run with different tasks" in capsys.readouterr().err
 
 
 def test_rejected_schema_exits_2_before_writing(tmp_path, tasks_file, monkeypatch, capsys):

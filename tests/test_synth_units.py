@@ -147,6 +147,11 @@ def test_torn_last_line_is_cut_on_resume(tmp_path):
         (["--mix", "1:2:3"], "bad --mix"),
         (["--shard", "3/2"], "bad --shard"),
         (["--num-examples", "0"], "--num-examples must be >= 1"),
+        (["--num-topics", "-2"], "--num-topics must be >= 1"),
+        (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+        (["--top-p", "2"], "top_p must be a number in (0, 1]"),
+        (["--model", "/no/such/model"], "--model: "),
+        (["--revisor", "/no/such/revisor"], "--revisor: "),
     ],
 )
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):

@@ -15,6 +15,8 @@ from speedx.synth.report import Progress, cost_report, print_summary
 from speedx.synth.run_files import JsonlAppender, atomic_write_json, read_jsonl
 from speedx.synth.tasks import Task, brainstorm_tasks
 
+WALL_TIME_EVERY_SECONDS = 2.0  # how often a running synthesis records its wall time in manifest.json
+
 
 def sampling_factory(temperature: float, top_p: float, max_tokens: int):
     from speedx import SamplingParams
@@ -83,7 +85,14 @@ def run_generate(args, checked) -> int:
     if args.json_mode == "constrained":
         compile_schemas(llm, checked["families"])
     start = time.perf_counter()
+    # The settings go on disk before any other file of the run, so that whatever a killed or failed
+    # run leaves behind (tasks.jsonl first) is only ever resumed with the same settings.
+    manifest = {"config": checked["config"] | {"num_examples": args.num_examples}, "status": "running",
+                "wall_seconds": previous.get("wall_seconds", 0.0), "tasks": previous.get("tasks")}
+    atomic_write_json(manifest_path, manifest)
     tasks, task_stats = load_or_make_tasks(args, checked, llm)
+    if task_stats["source"] == "resumed" and previous.get("tasks"):
+        task_stats = previous["tasks"]  # keep how they were made (and the brainstorm's tokens)
     revisor = None
     if args.revisor:
         same = (args.revisor, args.revisor_lora) == (args.model, args.lora)
@@ -94,29 +103,36 @@ def run_generate(args, checked) -> int:
     planner = Planner(checked["families"], checked["weights"], tasks, args.seed)
     slots = shard_slots(args.num_examples, checked["shard"])
     progress = None if args.no_progress else Progress(len(slots))
-    run = SynthesisRun(llm, planner, out, slots, args.json_mode, sampling_factory(args.temperature, args.top_p, args.max_tokens),
-                       args.max_attempts, args.model, revisor, progress)
-    if progress:
-        progress.start(len(run.state.filled))
-    manifest = {
-        "config": checked["config"] | {"num_examples": args.num_examples},
-        "status": "running",
+    manifest |= {
         "versions": {"speedx": speedx.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "device": str(llm.device),
-        "tasks": {"count": len(tasks), **task_stats},
-        "wall_seconds": previous.get("wall_seconds", 0.0),
+        "tasks": {**task_stats, "count": len(tasks)},
     }
-    atomic_write_json(manifest_path, manifest)
+
+    def record_wall_time(final: bool = False) -> None:
+        """The run's device time so far, on disk: a SIGKILLed run still counts the time it spent."""
+        now = time.perf_counter()
+        if final or now - record_wall_time.last >= WALL_TIME_EVERY_SECONDS:
+            manifest["wall_seconds"] = previous.get("wall_seconds", 0.0) + now - start
+            atomic_write_json(manifest_path, manifest)
+            record_wall_time.last = now
+
+    record_wall_time.last = start
+    record_wall_time(final=True)
+    run = SynthesisRun(llm, planner, out, slots, args.json_mode, sampling_factory(args.temperature, args.top_p, args.max_tokens),
+                       args.max_attempts, args.model, revisor, progress, on_step=record_wall_time)
+    if progress:
+        progress.start(len(run.state.filled))
     try:
         run.run()
     finally:
         if progress:
             progress.close()
-        manifest["wall_seconds"] = previous.get("wall_seconds", 0.0) + time.perf_counter() - start
         summary = summarize(RunState.load(out))
         manifest.update(summary)
         manifest["status"] = "complete" if summary["examples"] >= len(slots) else "incomplete"
-        manifest["cost"] = cost_report(summary, manifest["wall_seconds"], args, llm.device)
+        record_wall_time(final=True)
+        manifest["cost"] = cost_report(summary, manifest["wall_seconds"], args, llm.device, manifest["tasks"])
         atomic_write_json(manifest_path, manifest)
     examples = list(read_jsonl(out / "examples.jsonl"))
     manifest["export"] = export_sentence_transformers(examples, out / "sentence-transformers")

@@ -13,12 +13,38 @@ from speedx.synth.records import dedup_text, export_sentence_transformers
 from speedx.synth.run_files import atomic_write_json, read_jsonl
 
 
-def merge_runs(shards: list[Path], out: Path) -> dict:
+TOKEN_KEYS = ("prompt_tokens", "cached_tokens", "output_tokens", "revisor_prompt_tokens", "revisor_output_tokens")
+
+
+def check_shards(shards: list[Path]) -> list[dict]:
+    """The shards' manifests, after checking that they are the finished shards of one run: the same
+    settings but --shard, each shard once."""
+    if len({s.resolve() for s in shards}) < len(shards):
+        raise ValueError("a run directory is named twice; give each shard once")
+    manifests = []
     for shard in shards:
         if not (shard / "manifest.json").is_file():
             raise ValueError(f"{shard} is not a run directory (no manifest.json)")
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} is not empty; merge into a new directory")
+        manifest = json.loads((shard / "manifest.json").read_text())
+        if manifest.get("status") not in ("complete", "incomplete"):
+            raise ValueError(f"{shard} is still running, or was stopped: resume it (same command) before merging")
+        manifests.append(manifest)
+    configs = [{k: v for k, v in m["config"].items() if k != "shard"} for m in manifests]
+    for shard, config in zip(shards[1:], configs[1:]):
+        changed = sorted(k for k in config.keys() | configs[0].keys() if config.get(k) != configs[0].get(k))
+        if changed:
+            raise ValueError(f"{shard} was made with other settings than {shards[0]} ({', '.join(changed)}): "
+                             "merge the shards of one run")
+    shard_ids = [m["config"].get("shard") for m in manifests]
+    if len(set(shard_ids)) < len(shard_ids):
+        raise ValueError(f"two directories hold the same --shard ({', '.join(map(str, shard_ids))})")
+    return manifests
+
+
+def merge_runs(shards: list[Path], out: Path) -> dict:
+    manifests = check_shards(shards)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} is not an empty directory; merge into a new one")
     examples = sorted((r for s in shards for r in read_jsonl(s / "examples.jsonl")), key=lambda r: (r["slot"], r["id"]))
     rejections = [r for s in shards for r in read_jsonl(s / "rejected.jsonl")]
     tasks = {}
@@ -30,18 +56,19 @@ def merge_runs(shards: list[Path], out: Path) -> dict:
         reason = dedup.check_and_add(record["id"], dedup_text(record))
         if reason:
             rejections.append({k: record[k] for k in ("id", "slot", "family", "task_id")} | {
-                "reason": f"duplicate_{reason}", "text": json.dumps(record["raw"], ensure_ascii=False), "merged": True})
+                "reason": f"duplicate_{reason}", "text": json.dumps(record["raw"], ensure_ascii=False), "merged": True,
+            } | {k: record[k] for k in TOKEN_KEYS if k in record})  # its tokens were spent all the same
         else:
             kept.append(record)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("examples.jsonl", kept), ("rejected.jsonl", rejections), ("tasks.jsonl", list(tasks.values()))):
         with open(out / name, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    manifests = [json.loads((s / "manifest.json").read_text()) for s in shards]
     manifest = {
         "merged_from": [str(s) for s in shards],
         "configs": [m.get("config") for m in manifests],
         "wall_seconds": sum(m.get("wall_seconds", 0.0) for m in manifests),
+        "status": "complete" if all(m["status"] == "complete" for m in manifests) else "incomplete",
         **summarize(RunState.load(out)),
     }
     manifest["export"] = export_sentence_transformers(kept, out / "sentence-transformers")

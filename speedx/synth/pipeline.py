@@ -9,6 +9,7 @@ which attempts are done.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ def _error_output(request_id: str, message: str):
 
 class SynthesisRun:
     def __init__(self, llm, planner: Planner, out: Path, slots: list[int], json_mode: str, params_factory,
-                 max_attempts: int, model_name: str, revisor=None, progress=None):
+                 max_attempts: int, model_name: str, revisor=None, progress=None, on_step=None):
         self.llm = llm
         self.planner = planner
         self.out = out
@@ -126,6 +127,7 @@ class SynthesisRun:
         self.model_name = model_name
         self.revisor = revisor
         self.progress = progress
+        self.on_step = on_step  # called after every engine step (the CLI records its wall time there)
         self.state = RunState.load(out)
         self._in_revision: set[int] = set()  # slots whose valid example is with the revisor
         self.dedup = Deduplicator()
@@ -164,6 +166,8 @@ class SynthesisRun:
                         waiting_for_revision = kind == "generate" and reviser and slot in self._in_revision
                         if not waiting_for_revision and (retry := self.next_request(slot)):
                             todo.append(retry)  # rejected or duplicate: the slot's next attempt
+                if self.on_step:
+                    self.on_step()
         finally:
             for queue in queues:
                 queue.abort()
@@ -210,7 +214,8 @@ class SynthesisRun:
         record = example_record(request, data, self.model_name, revised, tokens)
         duplicate = self.dedup.check_and_add(record["id"], dedup_text(record))
         if duplicate:
-            self._reject(rejected, rejection_record(request, f"duplicate_{duplicate}", str(data), tokens))
+            text = json.dumps(data, ensure_ascii=False)
+            self._reject(rejected, rejection_record(request, f"duplicate_{duplicate}", text, tokens))
             return
         examples.write(record)
         self.state.examples.append(record)

@@ -37,11 +37,14 @@ class Progress:
             self.bar.close()
 
 
-def cost_report(summary: dict, wall_seconds: float, args, device) -> dict:
-    """Device-hours at --gpu-hour-price against the same tokens at a teacher API's prices."""
-    tokens = summary["tokens"]
+def cost_report(summary: dict, wall_seconds: float, args, device, brainstorm: dict | None = None) -> dict:
+    """Device-hours at --gpu-hour-price against the same tokens at a teacher API's prices; the tokens
+    include the brainstorm's (its time is in wall_seconds)."""
+    tokens, brainstorm = summary["tokens"], brainstorm or {}
     out_tokens = tokens.get("output_tokens", 0) + tokens.get("revisor_output_tokens", 0)
     in_tokens = tokens.get("prompt_tokens", 0) + tokens.get("revisor_prompt_tokens", 0)
+    out_tokens += brainstorm.get("output_tokens", 0)
+    in_tokens += brainstorm.get("prompt_tokens", 0)
     hours = wall_seconds / 3600
     dollars = hours * args.gpu_hour_price
     api = in_tokens / 1e6 * args.api_price_in + out_tokens / 1e6 * args.api_price_out
@@ -69,9 +72,10 @@ def print_summary(manifest: dict, requested: int) -> None:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(row["rejected"].items(), key=lambda kv: -kv[1])) or "-"
         print(f"{name:<16}{row['requested']:>9}{row['valid']:>7}{row['duplicates']:>7}  {reasons}")
     tokens, cost = manifest["tokens"], manifest["cost"]
+    brainstorm = " with the task brainstorm" if manifest["tasks"].get("output_tokens") else ""
     print(
-        f"\n{manifest['examples']}/{requested} examples; tokens in {tokens.get('prompt_tokens', 0):,} "
-        f"(prefix-cached {tokens.get('cached_tokens', 0):,}), out {tokens.get('output_tokens', 0):,}; "
+        f"\n{manifest['examples']}/{requested} examples; tokens{brainstorm} in {cost['input_tokens']:,} "
+        f"(prefix-cached {tokens.get('cached_tokens', 0):,}), out {cost['output_tokens']:,}; "
         f"wall {manifest['wall_seconds']:.1f} s on {cost['device']}"
     )
     print(
