@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # e.g. a schema the grammar compiler rejects
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # what was written is kept: every finished request is one fsynced line
+        print(f"\ninterrupted: re-run the same command to resume the run in {checked['out']}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -275,11 +275,14 @@ def write_jsonl(path, rows):
     ("model", ["--input", "{tmp}/ok.jsonl", "--model", "{tmp}/no-such-model"], "is not a directory"),
     ("no-weights", ["--input", "{tmp}/ok.jsonl", "--model", "{tmp}/config-only"], "could not load an embedding model"),
     ("empty-negative", ["--input", "{tmp}/bad-negative.jsonl"], "bad-negative.jsonl:1: field 'negatives' must be"),
+    ("not-utf8", ["--input", "{tmp}/latin1.jsonl"], "latin1.jsonl is not UTF-8 text"),
+    ("device", ["--input", "{tmp}/ok.jsonl", "--device", "bogus"], "--device bogus: not a device name"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, case, args, message):
     write_jsonl(tmp_path / "ok.jsonl", RECORDS[:2])
     write_jsonl(tmp_path / "bad.jsonl", [RECORDS[0], {"query": "q without a positive"}])
     write_jsonl(tmp_path / "bad-negative.jsonl", [{**RECORDS[0], "negatives": [""]}])
+    (tmp_path / "latin1.jsonl").write_bytes('{"query": "caf\u00e9", "positive": "p"}\n'.encode("latin-1"))
     (tmp_path / "config-only").mkdir()
     (tmp_path / "config-only" / "config.json").write_text('{"model_type": "bert"}')
     (tmp_path / "empty.txt").write_text("\n\n")

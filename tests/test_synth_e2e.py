@@ -82,6 +82,22 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, tasks_file):
     assert json.loads((out / "manifest.json").read_text())["wall_seconds"] > killed_wall
 
 
+def test_ctrl_c_stops_with_one_line_that_says_how_to_resume(tmp_path, tasks_file):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "speedx.generate", "--tasks", str(tasks_file), "--num-examples", "6",
+               "--out", str(out), *COMMON]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not read(out / "examples.jsonl", True) + read(out / "rejected.jsonl", True):
+        assert proc.poll() is None and time.time() < deadline, "no progress to interrupt"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert f"interrupted: re-run the same command to resume the run in {out}" in err
+    assert json.loads((out / "manifest.json").read_text())["examples"] == len(read(out / "examples.jsonl"))
+
+
 def test_shards_merged_equal_one_run(tmp_path, tasks_file):
     """Each request follows from (seed, slot, attempt) alone. One sequence at a time makes every
     forward pass the same shape in both layouts, so the floating-point results are bit-identical

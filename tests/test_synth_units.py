@@ -145,6 +145,8 @@ def test_torn_last_line_is_cut_on_resume(tmp_path):
     [
         (["--families", "retrieval,poetry"], "unknown families"),
         (["--mix", "1:2:3"], "bad --mix"),
+        (["--mix", "retrieval=1,,sts=1"], "write name=weight pairs"),
+        (["--topics", "{tmp}/latin1.txt"], "latin1.txt is not UTF-8 text"),
         (["--shard", "3/2"], "bad --shard"),
         (["--num-examples", "0"], "--num-examples must be >= 1"),
         (["--num-topics", "-2"], "--num-topics must be >= 1"),
@@ -155,8 +157,9 @@ def test_torn_last_line_is_cut_on_resume(tmp_path):
     ],
 )
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9s > Espresso\n".encode("latin-1"))
     out = tmp_path / "run"
-    assert generate_main(args + ["--out", str(out)]) == 2
+    assert generate_main([a.format(tmp=tmp_path) for a in args] + ["--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 

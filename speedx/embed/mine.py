@@ -86,7 +86,10 @@ def read_corpus(path: Path) -> list[str]:
     if not path.is_file():
         raise ValueError(f"--corpus {path} does not exist")
     if path.suffix not in (".jsonl", ".json"):
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise ValueError(f"--corpus {path} is not UTF-8 text") from None
     texts = []
     for number, item in numbered_json_lines(path):
         if isinstance(item, dict) and isinstance(item.get("text"), str):
@@ -109,9 +112,14 @@ def check_arguments(args) -> dict:
         raise ValueError(f"--corpus {args.corpus} holds no documents")
     if not Path(resolve_embedder(args.model)).is_dir():  # never let a typo become a hub download
         raise ValueError(f"--model {args.model} is not a directory: give 'default' or a local sentence-transformers model")
-    if args.device and args.device.startswith("cuda"):
+    if args.device:
         import torch
 
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if args.device and args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but no CUDA device is available: use --device cpu")
     out = Path(args.out) if args.out else Path(args.input).with_name("mined.jsonl")

@@ -282,7 +282,10 @@ def parse_mix(text: str, families: list[Family]) -> dict[str, float]:
     names = [f.name for f in families]
     try:
         if "=" in text:
-            pairs = dict(item.split("=", 1) for item in text.split(","))
+            items = [item.split("=", 1) for item in text.split(",")]
+            if any(len(item) != 2 for item in items):
+                raise ValueError("write name=weight pairs separated by commas, e.g. retrieval=3,sts=1")
+            pairs = dict(items)
             weights = {name.strip(): float(value) for name, value in pairs.items()}
             unknown = set(weights) - set(names)
             if unknown:

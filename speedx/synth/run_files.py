@@ -48,7 +48,10 @@ def numbered_json_lines(path: Path, text: str | None = None, error: type[ValueEr
     """(line number, parsed value) for each non-blank line of a JSONL file (or of `text`, read from
     it); a line that is not JSON raises `error` naming path:line."""
     if text is None:
-        text = Path(path).read_text(encoding="utf-8")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise error(f"{path} is not UTF-8 text (JSON lines)") from None
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:

@@ -46,6 +46,8 @@ def load_topics(path: str | None) -> list[str]:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ValueError(f"cannot read --topics file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise ValueError(f"--topics file {path} is not UTF-8 text") from None
     topics = list(dict.fromkeys(truncate_topic(line) for line in text.splitlines() if line.strip()))
     if not topics:
         raise ValueError(f"--topics file {path} holds no topics (one per line, levels joined by ' > ')")
