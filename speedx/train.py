@@ -92,6 +92,8 @@ def run(args) -> int:
     # Cheap checks first (the trainer import takes seconds).
     sizes = parse_sizes(args.scaling) if args.scaling is not None else None
     tasks = parse_tasks(args.eval_tasks if args.eval_tasks is not None or sizes is None else DEFAULT_SCALING_TASKS)
+    if args.eval_instruction is not None and not tasks:
+        raise ValueError("--eval-instruction applies to the evaluation: give --eval-tasks too")
     data = Path(args.data)
     if not data.exists():
         default = args.data == DEFAULT_DATA

@@ -30,6 +30,14 @@ def test_presets_and_file_overrides(tmp_path):
     ("counts = 3\n", "must be a table"),
     ("[counts\n", "not valid TOML"),
     ("[counts]\ncandidates = 1\n", "candidates must be >= 2"),
+    ('[counts]\ntopics = "4"\n', "counts.topics must be int, got '4'"),
+    ("[counts]\nseed_examples = -5\n", "counts.seed_examples must be >= 1"),
+    ("[counts]\ntopics = 100000\n", "counts.topics must be at most"),
+    ("[seed]\nx = 1\n", "seed must be int"),
+    ("[sft]\nlr = true\n", "sft.lr must be float"),
+    ("[teacher]\nconcurrency = 0\n", "teacher.concurrency must be >= 1"),
+    ('[student]\nfamilies = "classification,nosuch"\n', "unknown families"),
+    ("[generation]\ntop_p = 0\n", "generation.top_p in"),
 ])
 def test_bad_config_is_refused(tmp_path, text, match):
     path = tmp_path / "bad.toml"
@@ -96,3 +104,61 @@ def test_judge_retries_invalid_verdicts_then_skips(tmp_path):
     assert len(ctx.teacher.requests) == 5 and all(r["temperature"] == 0.0 for _, r in ctx.teacher.requests)
     pairs = [json.loads(line) for line in (tmp_path / "judge" / "pairs.jsonl").read_text().splitlines()]
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("c0-2", "c0-0"), ("c1-1", "c1-2")]
+
+
+def failure(kind, status=None):
+    return SimpleNamespace(ok=False, kind=kind, error=f"{kind} {status}", status=status)
+
+
+@pytest.mark.parametrize("results, error, match", [
+    ([failure("failed", 401), failure("not_run")], "TeacherUnusable", r"refused the requests .*\$SPEEDX_TEACHER_API_KEY"),
+    ([SimpleNamespace(ok=True), failure("not_run")], "BudgetReached", "budget ran out"),
+    ([failure("failed"), failure("failed")], "TeacherUnusable", "every teacher call of stage 'seed' failed"),
+])
+def test_teacher_failures_stop_the_stage_with_their_cause(tmp_path, results, error, match):
+    from speedx.align import stages
+
+    ctx = Context(load_config(preset="tiny", out=str(tmp_path)), tmp_path)
+    ctx.teacher = SimpleNamespace(chat_many=lambda requests, stage: results)
+    with pytest.raises(getattr(stages, error), match=match):
+        ctx.ask("seed", [{}] * len(results))
+
+
+def test_a_run_resumes_only_with_its_settings(tmp_path, capsys):
+    from speedx.align.cli import main
+
+    config = load_config(preset="tiny", out=str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    changed = tmp_path / "changed.toml"
+    changed.write_text("[counts]\nseed_examples = 9\n[teacher]\nmax_calls = 999\n")
+    assert main(["run", str(changed), "--preset", "tiny", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (counts.seed_examples)" in err and "--from STAGE" in err  # a budget may change
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["run", "--preset", "tiny", "--out", str(blocker)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_from_redoes_the_stage_and_every_later_one(tmp_path, monkeypatch):
+    from speedx.align import pipeline
+
+    config = load_config(preset="tiny", out=str(tmp_path))
+    ran = []
+    monkeypatch.setattr(pipeline, "STAGE_FUNCTIONS", {name: (lambda ctx, name=name: ran.append(name) or {})
+                                                      for name in pipeline.STAGES})
+    for name in pipeline.STAGES:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text('{"status": "complete"}')
+    assert pipeline.run_pipeline(config, log=lambda *a: None) == 0 and ran == []
+    assert pipeline.run_pipeline(config, from_stage="revisor_sft", log=lambda *a: None) == 0
+    assert ran == ["revisor_sft", "final"]
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "final", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(config, from_stage="final", log=lambda *a: None)
+    manifest = json.loads((tmp_path / "final" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["seconds"] >= 0  # its time counts on resume

@@ -58,20 +58,27 @@ def check_run(out: Path, expected: int) -> list[dict]:
     return examples
 
 
-def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, tasks_file):
-    out = tmp_path / "run"
+def start_run(tasks_file, out: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """`python -m speedx.generate` of 6 examples in a process group of its own, returned once it has
+    finished 2 requests (examples or rejections): stopping it then interrupts real work."""
     command = [sys.executable, "-m", "speedx.generate", "--tasks", str(tasks_file), "--num-examples", "6",
                "--out", str(out), *COMMON]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     deadline = time.time() + 300
-    try:
-        while len(read(out / "examples.jsonl", True)) + len(read(out / "rejected.jsonl", True)) < 2:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no progress within 300 s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    while len(read(out / "examples.jsonl", True)) + len(read(out / "rejected.jsonl", True)) < 2:
+        if proc.poll() is not None or time.time() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("the run ended, or made no progress in 300 s, before it could be stopped")
+        time.sleep(0.2)
+    return proc
+
+
+def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, tasks_file):
+    out = tmp_path / "run"
+    proc = start_run(tasks_file, out)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
     done_before = {r["id"] for r in read(out / "examples.jsonl", True) + read(out / "rejected.jsonl", True)}
     killed_wall = json.loads((out / "manifest.json").read_text())["wall_seconds"]
     assert killed_wall > 1  # the killed process's generating time is on disk (every 2 s): the cost counts it
@@ -84,17 +91,13 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, tasks_file):
 
 def test_ctrl_c_stops_with_one_line_that_says_how_to_resume(tmp_path, tasks_file):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "speedx.generate", "--tasks", str(tasks_file), "--num-examples", "6",
-               "--out", str(out), *COMMON]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not read(out / "examples.jsonl", True) + read(out / "rejected.jsonl", True):
-        assert proc.poll() is None and time.time() < deadline, "no progress to interrupt"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err
-    assert f"interrupted: re-run the same command to resume the run in {out}" in err
+    with open(tmp_path / "stderr.txt", "w+") as stderr:
+        proc = start_run(tasks_file, out, stderr)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+        stderr.seek(0)
+        err = stderr.read()
+    assert "Traceback" not in err and f"interrupted: re-run the same command to resume the run in {out}" in err
     assert json.loads((out / "manifest.json").read_text())["examples"] == len(read(out / "examples.jsonl"))
 
 

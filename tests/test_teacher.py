@@ -225,6 +225,20 @@ def test_cache_rerun_costs_zero_calls(server, tmp_path):
     assert len([f for f in files if f.is_file()]) == 6 and not any(f.name.startswith(".tmp-") for f in files)
 
 
+def test_cache_identity_finds_replies_of_a_teacher_at_another_url(server, tmp_path):
+    """A teacher served locally gets a new port every run: named by cache_identity, its replies are
+    found again."""
+    reqs = [{"messages": msgs(f"q{i}")} for i in range(3)]
+    first = make_client(server, cache_dir=tmp_path, cache_identity="local:default").chat_many(reqs, stage="seed")
+    moved = TeacherConfig(base_url="http://127.0.0.1:9/v1", model="teacher-x", api_key="sk-test",  # nothing there
+                          cache_dir=tmp_path, cache_identity="local:default")
+    with TeacherClient(moved) as client:
+        again = client.chat_many(reqs, stage="seed")
+    assert server.count == 3 and all(r.cached for r in again) and [r.text for r in again] == [r.text for r in first]
+    with pytest.raises(ValueError, match="teacher concurrency must be >= 1"):
+        make_client(server, max_concurrency=0)
+
+
 def test_concurrency_is_bounded_and_order_kept(server):
     server.delay = 0.05
     client = make_client(server, max_concurrency=3)

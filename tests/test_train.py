@@ -315,6 +315,7 @@ def test_cli_scaling_study_with_a_stub_evaluator(tmp_path, monkeypatch, capsys):
     (["--data", "{tmp}/ok.jsonl", "--scaling", "2,64"], "--scaling size 64 exceeds the 2 training examples"),
     (["--data", "{tmp}/ok.jsonl", "--scaling", "a,b"], "bad --scaling"),
     (["--data", "{tmp}/ok.jsonl", "--batch-size", "0"], "batch-size must be >= 1"),
+    (["--data", "{tmp}/ok.jsonl", "--eval-instruction", "Find it"], "--eval-instruction applies to the evaluation"),
     (["--data", "{tmp}/ok.jsonl", "--model", "{tmp}/no-such-model", "--out", "{tmp}/o"], "is not a directory"),
     (["--data", "{tmp}/ok.jsonl", "--model", "{tmp}/config-only", "--out", "{tmp}/o"], "could not load a model from"),
 ])

@@ -10,9 +10,12 @@ whole pipeline on CPU in minutes with the embedded model as student and local te
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from speedx.align.stages import STAGES
+from speedx.synth.run_files import ensure_writable_dir
 
 EXIT_BAD_INPUT = 2
 
@@ -47,9 +50,31 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give a pipeline TOML file or --preset (tiny runs anywhere; paper needs a teacher API)")
         config = load_config(args.config, args.preset, args.out)
         if args.max_teacher_calls is not None:
+            if args.max_teacher_calls < 0:
+                raise ValueError("--max-teacher-calls must be >= 0")
             config.teacher.max_calls = args.max_teacher_calls
         stage_range(args.from_stage, args.until_stage)  # checked before anything runs
+        check_resume(config, args.from_stage)
+        ensure_writable_dir(Path(config.out), "out")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return run_pipeline(config, args.from_stage, args.until_stage)
+    try:
+        return run_pipeline(config, args.from_stage, args.until_stage)
+    except KeyboardInterrupt:  # finished teacher calls are cached, finished stages kept
+        print(f"\ninterrupted: run the same command to resume {config.out}", file=sys.stderr)
+        return 130
+
+
+def check_resume(config, from_stage: str | None) -> None:
+    """A run directory resumes with its own settings; --from STAGE redoes that stage and the later
+    ones, so it may change them."""
+    saved = Path(config.out) / "config.json"
+    if from_stage is not None or not saved.is_file():
+        return
+    from speedx.align.config import changed_settings
+
+    changed = changed_settings(json.loads(saved.read_text()), config)
+    if changed:
+        raise ValueError(f"{config.out} holds a run made with other settings ({', '.join(changed)}): use the same "
+                         "settings to resume, --from STAGE to redo a stage and the later ones with these, or a new out")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from types import UnionType
+from typing import Union, get_args, get_origin, get_type_hints
 
 
 @dataclass
@@ -141,6 +143,72 @@ def load_config(path: str | Path | None = None, preset: str | None = None, out: 
         _apply(config, data, str(path))
     if out is not None:
         config.out = out
-    if config.counts.candidates < 2:
-        raise ValueError("counts.candidates must be >= 2: the judge picks a best and a worst candidate")
+    check_config(config)
     return config
+
+
+def _check_types(target, where: str) -> None:
+    """Every setting has its declared type (an int is also a float; a bool is no number)."""
+    hints = get_type_hints(type(target))
+    for f in fields(target):
+        value, kind = getattr(target, f.name), hints[f.name]
+        if is_dataclass(value):
+            _check_types(value, f"{where}{f.name}.")
+            continue
+        allowed = get_args(kind) if get_origin(kind) in (Union, UnionType) else (kind,)
+        if float in allowed:
+            allowed += (int,)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed if t is not int or float not in allowed)
+            raise ValueError(f"{where}{f.name} must be {names}, got {value!r}")
+
+
+def check_config(config: AlignConfig) -> None:
+    """Types and ranges, before anything runs (a bad value must not surface mid-stage, after paid calls)."""
+    from speedx.synth.families import parse_families
+    from speedx.synth.tasks import load_topics
+
+    _check_types(config, "")
+    counts = config.counts
+    for name in ("topics", "seed_examples", "root_prompts", "judge_prompts", "revisions", "final_examples"):
+        if getattr(counts, name) < 1:
+            raise ValueError(f"counts.{name} must be >= 1, got {getattr(counts, name)}")
+    if counts.candidates < 2:
+        raise ValueError("counts.candidates must be >= 2: the judge picks a best and a worst candidate")
+    if counts.judge_retries < 0:
+        raise ValueError("counts.judge_retries must be >= 0")
+    available = len(load_topics(None))
+    if counts.topics > available:
+        raise ValueError(f"counts.topics must be at most {available}, the topics of the built-in taxonomy")
+    teacher = config.teacher
+    if teacher.concurrency < 1 or teacher.max_tokens < 16 or (teacher.max_calls is not None and teacher.max_calls < 0):
+        raise ValueError("teacher.concurrency must be >= 1, teacher.max_tokens >= 16 and teacher.max_calls >= 0")
+    for name in ("sft", "dpo", "revisor"):
+        hp = getattr(config, name)
+        if not hp.lr > 0 or hp.batch_size < 1 or hp.epochs < 1 or hp.lora_r < 1 or hp.lora_alpha < 1 \
+                or hp.max_length < 16 or not (hp.max_steps == -1 or hp.max_steps >= 1):
+            raise ValueError(f"[{name}]: lr must be > 0, batch_size, epochs, lora_r and lora_alpha >= 1, "
+                             "max_length >= 16, max_steps -1 (epochs decide) or >= 1")
+    gen = config.generation
+    if gen.temperature < 0 or not 0 < gen.top_p <= 1 or gen.max_tokens < 16:
+        raise ValueError("generation.temperature must be >= 0, generation.top_p in (0, 1], generation.max_tokens >= 16")
+    if not config.dpo_beta > 0:
+        raise ValueError("dpo_beta must be > 0")
+    parse_families(config.student.families)
+
+
+# Settings a resumed run may change: the budget and pace of teacher calls, and where the run lives.
+RESUMABLE_CHANGES = {"out", "teacher.max_calls", "teacher.concurrency"}
+
+
+def changed_settings(saved: dict, config: AlignConfig) -> list[str]:
+    """Dotted names of the settings that differ from a run's saved config.json (those a resume may
+    change left out)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        items = {}
+        for key, value in d.items():
+            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return items
+
+    old, new = flat(saved), flat(config.to_dict())
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)

@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from speedx.align.config import AlignConfig
-from speedx.align.stages import STAGE_FUNCTIONS, STAGES, TEACHER_STAGES, BudgetReached, Context
+from speedx.align.stages import STAGE_FUNCTIONS, STAGES, TEACHER_STAGES, BudgetReached, Context, TeacherUnusable
 from speedx.synth.run_files import atomic_write_json
 
 EXIT_FAILED = 1
@@ -39,14 +39,15 @@ def read_manifest(out: Path, stage: str) -> dict:
 def open_teacher(config: AlignConfig, out: Path, stack: ExitStack):
     from speedx.align.teacher import TeacherClient, TeacherConfig
 
-    base_url = config.teacher.base_url
+    base_url, identity = config.teacher.base_url, None
     if base_url == "local":  # the local model answers as the teacher, through the real HTTP path
         from speedx.serving import start_server
 
         server = stack.enter_context(start_server(config.teacher.local_model, served_model_name=config.teacher.model,
                                                    seed=config.seed))
-        base_url = server.url
+        base_url, identity = server.url, f"local:{config.teacher.local_model}"  # (a new port every run)
     return stack.enter_context(TeacherClient(TeacherConfig(
+        cache_identity=identity,
         base_url=base_url, model=config.teacher.model, api_key=os.environ.get(config.teacher.api_key_env),
         max_concurrency=config.teacher.concurrency, max_calls=config.teacher.max_calls, cache_dir=out / "teacher_cache",
         usage_file=out / "teacher_usage.json",  # merged now, rewritten after every paid call
@@ -64,7 +65,8 @@ def run_pipeline(config: AlignConfig, from_stage: str | None = None, until_stage
     ctx = Context(config, out)
     with ExitStack() as stack:
         for name in stages:
-            if read_manifest(out, name).get("status") == "complete" and name != from_stage:
+            # --from STAGE redoes that stage and every one after it: they are built on its output.
+            if read_manifest(out, name).get("status") == "complete" and from_stage is None:
                 log(f"[{name}] complete, skipped")
                 continue
             if name in TEACHER_STAGES and ctx.teacher is None:
@@ -73,22 +75,30 @@ def run_pipeline(config: AlignConfig, from_stage: str | None = None, until_stage
             previous = read_manifest(out, name)  # an interrupted attempt's time still counts
             carried = previous.get("seconds", 0.0) if previous.get("status") != "complete" else 0.0
             start = time.perf_counter()
+
+            def write_manifest(status: str, stats: dict) -> dict:
+                manifest = {
+                    "stage": name, "status": status, "stats": stats,
+                    "seconds": carried + time.perf_counter() - start,
+                    "device": "cuda" if torch.cuda.is_available() else "cpu",
+                }
+                if ctx.teacher is not None:
+                    ctx.teacher.save_usage()  # the stage's failed and cached counts too
+                    manifest["teacher"] = ctx.teacher.usage()["stages"].get(name)
+                atomic_write_json(ctx.dir(name) / "manifest.json", manifest)
+                return manifest
+
             try:
                 stats = STAGE_FUNCTIONS[name](ctx)
                 status = "complete"
             except BudgetReached as exc:
                 stats, status = {"error": str(exc)}, "incomplete"
-            except (ValueError, FileNotFoundError) as exc:  # e.g. no usable data: say so, no traceback
+            except (ValueError, FileNotFoundError, TeacherUnusable) as exc:  # no usable data: say so, no traceback
                 stats, status = {"error": str(exc)}, "failed"
-            manifest = {
-                "stage": name, "status": status, "stats": stats,
-                "seconds": carried + time.perf_counter() - start,
-                "device": "cuda" if torch.cuda.is_available() else "cpu",
-            }
-            if ctx.teacher is not None:
-                ctx.teacher.save_usage()  # the stage's failed and cached counts too
-                manifest["teacher"] = ctx.teacher.usage()["stages"].get(name)
-            atomic_write_json(ctx.dir(name) / "manifest.json", manifest)
+            except KeyboardInterrupt:
+                write_manifest("interrupted", {})  # its time still counts when it is resumed
+                raise
+            manifest = write_manifest(status, stats)
             log(f"[{name}] {status} in {manifest['seconds']:.1f} s: {json.dumps(stats)}")
             if status == "incomplete":
                 log(f"stopped: {stats['error']}. Finished calls are cached; raise teacher.max_calls "

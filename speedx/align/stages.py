@@ -33,6 +33,10 @@ class BudgetReached(RuntimeError):
     """The teacher call budget ran out inside a stage; what was done is cached and kept."""
 
 
+class TeacherUnusable(RuntimeError):
+    """The teacher refused the requests (key, model, URL) or every call of a stage failed."""
+
+
 @dataclass
 class Context:
     config: AlignConfig
@@ -60,9 +64,18 @@ class Context:
     def ask(self, stage: str, requests: list[dict]) -> list:
         """Teacher replies in request order (failures included); BudgetReached when calls ran out.
         The client saves its usage file after every paid call, so a kill loses no call from the accounting."""
+        from speedx.align.teacher import FATAL_STATUS
+
         results = self.teacher.chat_many(requests, stage=stage)
-        if any(not r.ok and r.kind == "not_run" for r in results):
+        failures = [r for r in results if not r.ok]
+        fatal = next((r for r in failures if r.status in FATAL_STATUS), None)
+        if fatal is not None:
+            raise TeacherUnusable(f"the teacher refused the requests of stage {stage!r} ({fatal.error}); check "
+                                  f"teacher.base_url, teacher.model and the API key in ${self.config.teacher.api_key_env}")
+        if any(r.kind == "not_run" for r in failures):
             raise BudgetReached(f"the teacher call budget ran out during stage {stage!r}")
+        if results and len(failures) == len(results):
+            raise TeacherUnusable(f"every teacher call of stage {stage!r} failed, the first with: {failures[0].error}")
         return results
 
     def planner(self, salt: int) -> Planner:
@@ -111,7 +124,8 @@ def brainstorm(ctx: Context) -> dict:
                 break
     for family in ctx.families:
         if not any(t.family == family.name for t in tasks):
-            tasks += [Task(f"x{len(tasks)}", family.name, text, None, "builtin") for text in FAMILIES[family.name].example_tasks]
+            tasks += [Task(f"x{len(tasks) + j}", family.name, text, None, "builtin")
+                      for j, text in enumerate(FAMILIES[family.name].example_tasks)]
     write_jsonl(ctx.dir("brainstorm") / "tasks.jsonl", [t.to_json() for t in tasks])
     return {"examples_in": len(jobs), "examples_out": len(tasks)}
 
@@ -130,6 +144,8 @@ def seed(ctx: Context) -> dict:
             continue
         records.append({"messages": request.messages, "completion": json.dumps(data, ensure_ascii=False),
                         "family": request.family.name, "task": request.task})
+    if not records:
+        raise ValueError(f"none of the teacher's {len(planned)} seed examples was valid (rejected: {reasons})")
     write_jsonl(ctx.dir("seed") / "seed.jsonl", records)
     return {"examples_in": len(planned), "examples_out": len(records), "rejected": reasons}
 

@@ -90,6 +90,9 @@ class TeacherConfig:
     retry_after_max_s: float = 300.0  # a server asking for a longer wait is capped here
     cache_dir: str | Path | None = None  # None = no cache
     usage_file: str | Path | None = None  # kept up to date after every paid call (see module docstring)
+    # Names the teacher in cache keys instead of base_url: a teacher served locally gets another port
+    # on every run, and its cached replies must still be found.
+    cache_identity: str | None = None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> TeacherConfig:
@@ -243,6 +246,8 @@ class TeacherClient:
 
     def __init__(self, config: TeacherConfig, *, sleep: Callable[[float], None] = time.sleep,
                  rng: random.Random | None = None):
+        if config.max_concurrency < 1:
+            raise ValueError(f"teacher concurrency must be >= 1, got {config.max_concurrency}")
         self.config = config
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -316,7 +321,8 @@ class TeacherClient:
 
     # ---- cache --------------------------------------------------------------------------------
     def _key(self, body: dict) -> str:
-        canon = json.dumps({"base_url": self.config.base_url.rstrip("/"), "body": body},
+        teacher = self.config.cache_identity or self.config.base_url.rstrip("/")
+        canon = json.dumps({"base_url": teacher, "body": body},
                            sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()
 
