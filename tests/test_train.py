@@ -317,7 +317,7 @@ def test_cli_scaling_study_with_a_stub_evaluator(tmp_path, monkeypatch, capsys):
     (["--data", "{tmp}/ok.jsonl", "--batch-size", "0"], "batch-size must be >= 1"),
     (["--data", "{tmp}/ok.jsonl", "--eval-instruction", "Find it"], "--eval-instruction applies to the evaluation"),
     (["--data", "{tmp}/ok.jsonl", "--model", "{tmp}/no-such-model", "--out", "{tmp}/o"], "is not a directory"),
-    (["--data", "{tmp}/ok.jsonl", "--model", "{tmp}/config-only", "--out", "{tmp}/o"], "could not load a model from"),
+    (["--data", "{tmp}/ok.jsonl", "--model", "{tmp}/config-only", "--out", "{tmp}/o"], "could not load an embedding model from"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "bad.jsonl").write_text('{"query": "q"}\n')

@@ -37,7 +37,14 @@ def load_sentence_transformer(path: str | Path, **kwargs):
 
     try:
         return SentenceTransformer(str(path), local_files_only=True, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"could not load an embedding model from {path}: {reason} (give 'default' or a "
-                         "sentence-transformers / transformers model directory)") from None
+    except LOAD_ERRORS as exc:
+        raise load_error(path, exc) from None
+
+
+LOAD_ERRORS = (OSError, ValueError, KeyError)  # what transformers raises for a folder without a usable model
+
+
+def load_error(path: str | Path, exc: Exception) -> ValueError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ValueError(f"could not load an embedding model from {path}: {reason} (give 'default' or a "
+                      "sentence-transformers / transformers model directory)")

@@ -74,7 +74,7 @@ def read_records(path: Path) -> list[dict]:
         negatives = record.get("negatives", [])
         if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
             raise ValueError(f"{path}:{number}: field 'negatives' must be a list of non-empty strings")
-        if not isinstance(record.get("instruction", ""), str):
+        if record.get("instruction") is not None and not isinstance(record["instruction"], str):
             raise ValueError(f"{path}:{number}: field 'instruction' must be a string")
         records.append(record)
     if not records:

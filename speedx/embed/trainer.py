@@ -26,7 +26,7 @@ from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 from torch import Tensor, nn
 
 from speedx.embed.data import to_dataset
-from speedx.embed.default_embedder import load_sentence_transformer, resolve_embedder
+from speedx.embed.default_embedder import LOAD_ERRORS, load_error, load_sentence_transformer, resolve_embedder
 from speedx.embed.losses import InfoNCELoss
 
 POOLINGS = ("auto", "mean", "lasttoken")
@@ -114,9 +114,8 @@ def load_model(cfg: TrainConfig):
         try:
             transformer = Transformer(path, model_kwargs={"dtype": dtype}, config_kwargs={"local_files_only": True},
                                       processor_kwargs={"local_files_only": True})
-        except (OSError, ValueError, KeyError) as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ValueError(f"could not load a model from {path}: {reason}") from None
+        except LOAD_ERRORS as exc:
+            raise load_error(path, exc) from None
         if transformer.max_seq_length is None or transformer.max_seq_length > 100_000:
             transformer.max_seq_length = DECODER_MAX_LENGTH
         model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling),
