@@ -138,6 +138,9 @@ def test_a_run_resumes_only_with_its_settings(tmp_path, capsys):
     blocker.write_text("")
     assert main(["run", "--preset", "tiny", "--out", str(blocker)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2  # no run there: nothing printed or written
+    assert "not an alignment run directory" in capsys.readouterr().err and not any((tmp_path / "empty").iterdir())
 
 
 def test_from_redoes_the_stage_and_every_later_one(tmp_path, monkeypatch):

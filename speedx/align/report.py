@@ -55,8 +55,8 @@ def print_report(report: dict) -> None:
 
 def main(out: str) -> int:
     path = Path(out)
-    if not path.is_dir():
-        raise ValueError(f"{out} is not an alignment run directory")
+    if not (path / "config.json").is_file():  # every run writes it first
+        raise ValueError(f"{out} is not an alignment run directory (no config.json)")
     report = build_report(path)
     print_report(report)
     (path / "report.json").write_text(json.dumps(report, indent=2))
