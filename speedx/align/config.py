@@ -155,11 +155,10 @@ def _check_types(target, where: str) -> None:
         if is_dataclass(value):
             _check_types(value, f"{where}{f.name}.")
             continue
-        allowed = get_args(kind) if get_origin(kind) in (Union, UnionType) else (kind,)
-        if float in allowed:
-            allowed += (int,)
+        declared = get_args(kind) if get_origin(kind) in (Union, UnionType) else (kind,)
+        allowed = declared + ((int,) if float in declared else ())
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed if t is not int or float not in allowed)
+            names = " or ".join("none" if t is type(None) else t.__name__ for t in declared)
             raise ValueError(f"{where}{f.name} must be {names}, got {value!r}")
 
 

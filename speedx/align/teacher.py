@@ -19,8 +19,8 @@ Usage file (``TeacherConfig.usage_file``):
     reply was lost, and that call was billed.
 
 Cache layout: ``cache_dir/<key[:2]>/<key>.json``, one file per request, where key is the sha256 of the
-    canonical JSON of {base_url, request body as the caller asked for it (model, messages, temperature,
-    max_tokens, seed, response_format, extra)}. The API key is not part of it. Files are written to a
+    canonical JSON of {base_url (or cache_identity), request body as the caller asked for it (model,
+    messages, temperature, max_tokens, seed, response_format, extra)}. The API key is not part of it. Files are written to a
     temporary name and renamed, so a kill mid-write leaves no torn entry and threads never see one.
     Requests with temperature > 0 are cached too, so a re-run costs zero calls and reproduces the
     same data; to draw several independent samples of one prompt, give each a different ``seed``.

@@ -42,7 +42,7 @@ def load_training_rows(path: str | Path, max_negatives: int = DEFAULT_MAX_NEGATI
     for number, record in numbered_json_lines(path, error=DataError):
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        row = _parse_row(record, f"{path}:{number}")
+        row = parse_row(record, f"{path}:{number}")
         row["negatives"] = row["negatives"][:max_negatives]
         rows.append(row)
     if not rows:
@@ -50,7 +50,8 @@ def load_training_rows(path: str | Path, max_negatives: int = DEFAULT_MAX_NEGATI
     return rows
 
 
-def _parse_row(record: dict, where: str) -> dict:
+def parse_row(record: dict, where: str) -> dict:
+    """{"anchor", "positive", "negatives"} from one record of any layout; DataError naming `where`."""
     if "anchor" in record:
         anchor = _text(record, "anchor", where)
     elif "query" in record:

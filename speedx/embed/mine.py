@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from speedx.embed.data import parse_row
 from speedx.embed.default_embedder import resolve_embedder
 from speedx.embed.mining import SAMPLING, check_settings
 from speedx.synth.run_files import numbered_json_lines
@@ -71,11 +72,7 @@ def read_records(path: Path) -> list[dict]:
         if not isinstance(record, dict) or not all(isinstance(record.get(f), str) and record[f].strip()
                                                    for f in ("query", "positive")):
             raise ValueError(f"{path}:{number}: each line needs non-empty string fields 'query' and 'positive'")
-        negatives = record.get("negatives", [])
-        if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
-            raise ValueError(f"{path}:{number}: field 'negatives' must be a list of non-empty strings")
-        if record.get("instruction") is not None and not isinstance(record["instruction"], str):
-            raise ValueError(f"{path}:{number}: field 'instruction' must be a string")
+        parse_row(record, f"{path}:{number}")  # what train would refuse (negatives, instruction) is refused now
         records.append(record)
     if not records:
         raise ValueError(f"--input {path} holds no records")

@@ -175,7 +175,7 @@ class LLM:
         use_tqdm: bool = False,
     ) -> Iterator[tuple[int, RequestOutput]]:
         """Yield (input index, output) pairs in the order requests finish."""
-        return self._run(prompts, sampling_params, use_tqdm)
+        return self._run(_as_list(prompts), sampling_params, use_tqdm)
 
     def chat(
         self,
@@ -198,8 +198,8 @@ class LLM:
         )
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote any BOS itself
 
-    def _run(self, prompts, sampling_params, use_tqdm) -> Iterator[tuple[int, RequestOutput]]:
-        prompts = _as_list(prompts)
+    def _run(self, prompts: list[Prompt], sampling_params, use_tqdm) -> Iterator[tuple[int, RequestOutput]]:
+        """prompts: as _as_list returns them."""
         params = _params_for(prompts, sampling_params)
         engine = self.engine
         if engine.has_unfinished_requests():

@@ -255,12 +255,13 @@ class LLMEngine:
             return "stop", None
         if can_stop and token in p.stop_token_ids:
             return "stop", token
-        if p.stop_strings:
+        stops = p.stop_strings
+        if stops:
             text = self._decode(seq.output_token_ids, seq)
             if can_stop:
                 # Only stop strings that end in this token's text, as vLLM: one that lay whole in the
                 # text before min_tokens was reached does not count.
-                for stop in p.stop_strings:
+                for stop in stops:
                     at = text.find(stop, max(0, seq.stop_search_from - len(stop) + 1))
                     if at >= 0:
                         seq.output_text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
