@@ -179,10 +179,11 @@ DECODE_TILES = [  # (keys per tile, warps, pipeline stages, fp16 dots). Shipped 
 ]
 
 
-def decode_tile_rows(peak: float) -> list[dict]:
+def decode_tile_rows(peak: float, match: str = "") -> list[dict]:
     """Share of copy bandwidth of the decode attention kernel under other tiles than attention_config's
     (the first entry is the decode tile before 2026-11-26), with a bf16 and an fp8 KV cache, the fp8 one
-    also with V's keys contiguous (model_runner.FP8_V_KEYS_CONTIGUOUS): an offline sweep."""
+    also with V's keys contiguous (model_runner.FP8_V_KEYS_CONTIGUOUS): an offline sweep. Only the
+    workloads whose name contains `match`."""
     from speedx.kernels import triton_attention as A
 
     shipped = A.attention_config
@@ -190,11 +191,14 @@ def decode_tile_rows(peak: float) -> list[dict]:
     try:
         for kv_dtype, v_keys in ((DTYPE, False), (torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True)):
             for name, seqs in {"decode 256 x 1536": [(1, 1536)] * 256, "decode 64 x 1024": [(1, 1024)] * 64}.items():
+                workload = f"{name}, {str(kv_dtype).split('.')[1]} KV" + (", V keys contiguous" if v_keys else "")
+                if match not in workload:
+                    continue
                 q, k_cache, v_cache, table, cu, kv_lens = paged_case(seqs, kv_dtype=kv_dtype)
                 if v_keys:  # the same values, each head's keys contiguous
                     v_cache = v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
                 io_bytes = sum(kv for _, kv in seqs) * KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()
-                row = {"workload": f"{name}, {str(kv_dtype).split('.')[1]} KV" + (", V keys contiguous" if v_keys else "")}
+                row = {"workload": workload}
                 for block_n, warps, stages, fp16 in DECODE_TILES:
                     if fp16 and kv_dtype == DTYPE:  # fp16 dots are for fp8 caches only (a bf16 one may overflow fp16)
                         continue
@@ -318,6 +322,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results/kernels.json")
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
+    parser.add_argument("--decode-tiles-match", default="", metavar="TEXT",
+                        help="decode_tiles: only the workloads whose name contains TEXT (each takes a minute)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU (the Triton kernels' CPU interpreter is for tests only); skipping.")
@@ -335,7 +341,10 @@ def main() -> None:
         "copy_GB/s": peak / 1e9,
     }
     for section in args.only or SECTIONS:
-        report[section] = SECTIONS[section](peak)
+        if section == "decode_tiles":
+            report[section] = decode_tile_rows(peak, args.decode_tiles_match)
+        else:
+            report[section] = SECTIONS[section](peak)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
