@@ -119,20 +119,22 @@ def attention_rows(peak: float) -> list[dict]:
     return rows
 
 
-PREFILL_TILES = [  # (query rows per program = tokens x GQA group, keys per tile, warps, pipeline stages)
+PREFILL_TILES = [  # (query rows per program = tokens x GQA group, keys per tile, warps, pipeline stages);
+    # shipped: 128, 64, 8, 2 on sm_90+ (64 rows before 2026-11-26, and on sm_80: prefill_rows)
     (64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 8, 2), (128, 32, 8, 2), (128, 128, 8, 2),
 ]
 
 
 def prefill_tile_rows() -> list[dict]:
-    """TFLOP/s of the prefill/mixed attention kernel under other tile shapes than attention_config's
-    (the first entry is the shipped one): an offline sweep, so no autotuning runs at import or in use.
+    """TFLOP/s of the prefill/mixed attention kernel under other tile shapes than attention_config's:
+    an offline sweep, so no autotuning runs at import or in use.
 
-    H100, 2026-11-26: 128 x 64 tiles with 3 stages ran fresh 8 x 1024 prompts at 202 TFLOP/s against
-    the shipped 119, yet made the 8B 1024/1024 grid's mixed steps 13% slower end to end: there most
-    rows were decodes, which rode the prefill tiles and wasted 127 of 128 rows. Mixed batches now
+    H100, earlier on 2026-11-26: 128 x 64 tiles with 3 stages ran fresh 8 x 1024 prompts at 202 TFLOP/s
+    against 64 x 64's 119, yet made the 8B 1024/1024 grid's mixed steps 13% slower end to end: there
+    most rows were decodes, which rode the prefill tiles and wasted 127 of 128 rows. Mixed batches now
     launch their decodes apart (on the decode tile, which this sweep leaves alone), so the prompt
-    chunks' tile can be chosen for them alone."""
+    chunks' tile is chosen for them alone: later that day 128 x 64 x 2 stages ran 194 / 232 / 89
+    TFLOP/s on this sweep's three workloads against 64 x 64's 122 / 137 / 68, and is shipped."""
     from speedx.kernels import triton_attention as A
 
     shipped = A.attention_config
@@ -146,9 +148,9 @@ def prefill_tile_rows() -> list[dict]:
             decodes = leading_decodes([q_len for q_len, _ in seqs])
             row = {"workload": name}
             for block_m, block_n, warps, stages in PREFILL_TILES:
-                def config(dtype, head_dim, group, all_decode, kv_dtype=None, _m=block_m, _n=block_n, _w=warps, _s=stages):
-                    c = shipped(dtype, head_dim, group, all_decode, kv_dtype)
-                    if all_decode:
+                def config(*args, _m=block_m, _n=block_n, _w=warps, _s=stages, **kwargs):
+                    c = shipped(*args, **kwargs)
+                    if c["ALL_DECODE"]:
                         return c
                     return c | dict(BLOCK_Q=_m // c["GROUP_PAD"], BLOCK_N=_n, num_warps=_w, num_stages=_s)
                 A.attention_config = config
@@ -168,7 +170,8 @@ def prefill_tile_rows() -> list[dict]:
 
 
 DECODE_TILES = [  # (keys per tile, warps, pipeline stages, fp16 dots). Shipped (attention_config): 64, 4, 2 for
-    # a bf16 cache, 128, 4, 3 with fp16 dots for fp8; 64, 8, 2 was the decode tile before 2026-11-26. P V computed
+    # a bf16 cache, 64, 4, 3 with fp16 dots for fp8 (128, 4, 3 earlier on 2026-11-26, FP8_DECODE_TILE's note);
+    # 64, 8, 2 was the decode tile before 2026-11-26. P V computed
     # transposed and the group padded to 32 or 64 rows were swept on 2026-11-26 and lost (attention_config's note).
     (64, 8, 2, False), (64, 4, 2, False), (64, 4, 3, False), (128, 4, 2, False), (128, 4, 3, False), (128, 8, 2, False),
     (64, 8, 2, True), (64, 4, 3, True), (128, 4, 2, True), (128, 4, 3, True), (128, 8, 2, True), (128, 4, 4, True),
@@ -202,9 +205,8 @@ def decode_tile_rows(peak: float, match: str = "") -> list[dict]:
                 for block_n, warps, stages, fp16 in DECODE_TILES:
                     if fp16 and kv_dtype == DTYPE:  # fp16 dots are for fp8 caches only (a bf16 one may overflow fp16)
                         continue
-                    def config(dtype, head_dim, group, all_decode, kv_dtype=None, _n=block_n, _w=warps, _s=stages,
-                               _f=fp16):
-                        return shipped(dtype, head_dim, group, all_decode, kv_dtype) | dict(
+                    def config(*args, _n=block_n, _w=warps, _s=stages, _f=fp16, **kwargs):
+                        return shipped(*args, **kwargs) | dict(
                             BLOCK_N=_n, num_warps=_w, num_stages=_s, FP16_DOTS=_f)
                     A.attention_config = config
                     label = f"n{block_n}_w{warps}_s{stages}" + ("_fp16dots" if fp16 else "")

@@ -193,52 +193,73 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def prefill_rows(device: torch.device) -> int:
+    """Query rows per prefill tile on `device`: PREFILL_ROWS on sm_90+ and in the CPU interpreter,
+    64 on older GPUs."""
+    return 64 if device.type == "cuda" and _capability(_device_index(device)) < (9, 0) else PREFILL_ROWS
+
+
 def choose_num_splits(device: torch.device, programs: int, max_kv_len: int) -> int:
     """Split KV only when (sequences x kv heads) leave SMs idle and the context is long enough that
     each split still streams >= 512 keys; a power of two to bound the compiled variants."""
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sm_count(_device_index(device))
     if programs >= sms:
         return 1
     splits = min(triton.cdiv(2 * sms, programs), max_kv_len // 512, 32)
     return 1 if splits < 2 else 1 << (splits.bit_length() - 1)
 
 
-# Query rows (tokens x GQA group) per prefill tile, for 16-bit queries with head_dim <= 128. 128 gave
-# 1.7x the TFLOP/s of 64 on fresh prompts (H200, bench/kernels.py prefill_tiles) but the 8B grid 7%
-# fewer tok/s in one run (with 3 stages; attention_config's note): A/B it end to end with
-# bench/throughput.py --set speedx.kernels.triton_attention.PREFILL_ROWS=128.
-PREFILL_ROWS = 64
+# Query rows (tokens x GQA group) per prefill tile, for 16-bit queries with head_dim <= 128 on sm_90+
+# (64 below: without wgmma, sm_80 spills registers at 128 rows, ptxas). H100, 2026-11-26: 128 ran
+# 1.6-1.7x the TFLOP/s of 64 on fresh prompts and 1.3x on a mixed step (bench/kernels.py
+# prefill_tiles), and the 8B grid 9,810 output tok/s against 9,009 (one H200 run with 3 stages had
+# shown 7% fewer; attention_config's note). A/B another end to end with
+# bench/throughput.py --set speedx.kernels.triton_attention.PREFILL_ROWS=64.
+PREFILL_ROWS = 128
 
 # An fp8 cache's decode tile: keys per tile, warps, pipeline stages. Registers bound its occupancy
-# (sm_90 ptxas, 8B heads): this one takes 199 registers a thread over V with head dims contiguous, so
-# 2 blocks (8 warps) fit an SM, and 166 over V with keys contiguous (3 blocks); (64, 4, 2) over keys
-# contiguous takes 86 (5 blocks, 20 warps, as the bf16 tile). A/B one end to end with
-# bench/throughput.py --set speedx.kernels.triton_attention.FP8_DECODE_TILE="(64, 4, 2)".
-FP8_DECODE_TILE = (128, 4, 3)
+# (sm_90 ptxas, 8B heads): (128, 4, 3), the tile before 2026-11-26, takes 199 registers a thread over
+# V with head dims contiguous, so 2 blocks (8 warps) fit an SM, and 166 over V with keys contiguous
+# (3 blocks); 64-key tiles there take under 100 (5 blocks, 20 warps, as the bf16 tile). H100,
+# 2026-11-26, 256 x 1536 over V with keys contiguous (bench/kernels.py decode_tiles): 0.87 of copy
+# bandwidth for this tile and (64, 4, 2), 0.84 for (128, 4, 3). A/B another end to end with
+# bench/throughput.py --set speedx.kernels.triton_attention.FP8_DECODE_TILE="(128, 4, 3)".
+FP8_DECODE_TILE = (64, 4, 3)
 
 
 def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: bool,
-                     kv_dtype: torch.dtype | None = None) -> dict:
+                     kv_dtype: torch.dtype | None = None, rows: int | None = None) -> dict:
     """Tile constexprs + launch options for queries of `dtype` over a cache of `kv_dtype` (default:
-    the same). Tiles chosen so that sm_90 compiles them without register spills (ptxas): PREFILL_ROWS
-    x 64 for 16-bit head_dim <= 128, smaller for padded or larger heads and for fp32 (FMA dots, tests
-    only).
+    the same). Tiles chosen so that sm_90 compiles them without register spills (ptxas): `rows`
+    (prefill_rows: PREFILL_ROWS on sm_90+, the default) x 64 for 16-bit head_dim <= 128, smaller for
+    padded or larger heads and for fp32 (FMA dots, tests only).
     Decode: one token per block, the group padded to 16 rows (the smallest tl.dot tile), 4 warps;
-    an fp8 cache streams FP8_DECODE_TILE's 128 keys per tile through 3 stages (the same bytes as 64
-    bf16 keys) and dots in fp16. H200, 2026-11-26 (bench/kernels.py decode_tiles, share of copy bandwidth at
-    256 x 1536 / 64 x 1024): bf16 1.02 / 0.82 with 4 warps against 0.90 / 0.62 with 8; fp8
-    0.63 / 0.51 against 0.36 / 0.32 for the bf16 tile.
+    an fp8 cache streams FP8_DECODE_TILE and dots in fp16. H200, 2026-11-26 (bench/kernels.py
+    decode_tiles, share of copy bandwidth at 256 x 1536 / 64 x 1024): bf16 1.02 / 0.82 with 4 warps
+    against 0.90 / 0.62 with 8; fp8 over V with head dims contiguous, on the 128-key tile then shipped,
+    0.63 / 0.51 against 0.36 / 0.32 for the bf16 tile. H100, later that day, at 256 x 1536: fp8 0.80
+    that way, 0.87 over V with keys contiguous on FP8_DECODE_TILE (model_runner.FP8_V_KEYS_CONTIGUOUS).
     Measured and rejected for the fp8 decode tile (H200, 2026-11-26, 8B 1024/1024 grid with async
-    scheduling, 10,602 output tok/s as shipped): P V computed transposed (acc^T += V^T P^T, which
-    avoids byte-wise shared loads of V but takes V out of the cp.async pipeline) 9,374 tok/s and
-    0.56 of copy bandwidth at 256 x 1536; the group padded to 64 rows (both dots on wgmma) 9,133 tok/s
-    and 0.51. 128-row prefill tiles with 3 stages (1.7x the TFLOP/s on fresh prompts) gave 9,857 tok/s."""
+    scheduling, 10,602 output tok/s as then shipped): P V computed transposed (acc^T += V^T P^T,
+    which avoids byte-wise shared loads of V but takes V out of the cp.async pipeline) 9,374 tok/s
+    and 0.56 of copy bandwidth at 256 x 1536; the group padded to 64 rows (both dots on wgmma)
+    9,133 tok/s and 0.51. 128-row prefill tiles with 3 stages gave 9,857 tok/s there in one run; on
+    an H100 with 2 stages they gave 9,810 against 9,009 (PREFILL_ROWS' note)."""
     head_dim_pad = triton.next_power_of_2(head_dim)
     wide = dtype != torch.float32 and head_dim_pad <= 128
     fp8_cache = kv_dtype is not None and kv_dtype.itemsize == 1
-    block_m, block_n = (PREFILL_ROWS, 64 if head_dim == head_dim_pad else 32) if wide else (32, 32)
+    block_m, block_n = (rows or PREFILL_ROWS, 64 if head_dim == head_dim_pad else 32) if wide else (32, 32)
     num_stages = 2
     if all_decode:
         group_pad, block_q, num_warps = max(16, triton.next_power_of_2(group)), 1, 4
@@ -314,7 +335,8 @@ def _decode_launch(q, k_cache, v_cache, scale, out, block_tables, cu_seqlens_q, 
 def _prefill_launch(q, k_cache, v_cache, scale, out, block_tables, cu_seqlens_q, kv_lens, first_row):
     """Sequences whose query rows start at row first_row of q (cu_seqlens_q[0] == first_row)."""
     num_seqs, num_kv_heads = kv_lens.shape[0], k_cache.shape[2]
-    config = attention_config(q.dtype, q.shape[2], q.shape[1] // num_kv_heads, False, k_cache.dtype)
+    config = attention_config(q.dtype, q.shape[2], q.shape[1] // num_kv_heads, False, k_cache.dtype,
+                              rows=prefill_rows(q.device))
     first_q_block = first_row // config["BLOCK_Q"]
     num_q_blocks = q.shape[0] // config["BLOCK_Q"] + num_seqs - first_q_block
     _launch(q, k_cache, v_cache, scale, out, block_tables, cu_seqlens_q, kv_lens, config, num_q_blocks,

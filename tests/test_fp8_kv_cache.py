@@ -135,17 +135,29 @@ def test_fp8_decode_tiles_over_v_with_keys_contiguous(monkeypatch, device, tile)
         check_triton_attention_fp8(DECODE, device, torch.bfloat16, num_splits, "keys")
 
 
+def test_prefill_rows_by_device(monkeypatch):
+    """128-row prefill tiles on sm_90+ and in the interpreter; 64 on sm_80, which spills registers at 128."""
+    from speedx.kernels import triton_attention
+
+    capability = {0: (8, 0), 1: (9, 0)}
+    monkeypatch.setattr(triton_attention, "_capability", capability.__getitem__)
+    assert triton_attention.prefill_rows(torch.device("cuda", 0)) == 64
+    assert triton_attention.prefill_rows(torch.device("cuda", 1)) == triton_attention.PREFILL_ROWS == 128
+    assert triton_attention.prefill_rows(torch.device("cpu")) == 128
+    assert triton_attention.attention_config(torch.bfloat16, 128, 4, False, FP8)["BLOCK_Q"] == 32
+    assert triton_attention.attention_config(torch.bfloat16, 128, 4, False, FP8, rows=64)["BLOCK_Q"] == 16
+
+
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_interpreter),
                                     pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
-def test_prefill_tiles_of_128_rows(monkeypatch, device):
-    """PREFILL_ROWS=128, the candidate bench/throughput.py --set times: 32 tokens x a group of 4 per
-    tile. (16-bit queries, which the interpreter computes right over an fp8 cache's fp16 dots.)"""
+def test_prefill_tiles_of_64_rows(monkeypatch, device):
+    """The prefill tile below sm_90 (prefill_rows): 16 tokens x a group of 4 per tile. (16-bit queries,
+    which the interpreter computes right over an fp8 cache's fp16 dots.)"""
     from test_triton_attention import DECODES_FIRST, check_attention
 
     from speedx.kernels import triton_attention
 
-    monkeypatch.setattr(triton_attention, "PREFILL_ROWS", 128)
-    assert triton_attention.attention_config(torch.bfloat16, 128, 4, False, FP8)["BLOCK_Q"] == 32
+    monkeypatch.setattr(triton_attention, "prefill_rows", lambda device: 64)
     check_triton_attention_fp8(DECODES_FIRST, device, torch.bfloat16, 1)
     if device == "cuda":
         check_attention(DECODES_FIRST, 8, 2, 128, 2e-2, num_splits=0, num_decodes=37, dtype=torch.bfloat16, device=device)

@@ -49,7 +49,8 @@ def attention(cap, dtype, head_dim, group, all_decode, split, cache="same", v_ke
     types.update({n: f"*{dt if cache == 'same' else cache}" for n in ("k_cache_ptr", "v_cache_ptr")})
     types.update(block_tables_ptr="*i32", cu_seqlens_q_ptr="*i32", kv_lens_ptr="*i32", part_out_ptr="*fp32",
                  part_lse_ptr="*fp32", scale_log2="fp32", stride_kb="i64", stride_vb="i64")
-    config = A.attention_config(dtype, head_dim, group, all_decode, torch.float8_e4m3fn if cache == "fp8e4nv" else None)
+    config = A.attention_config(dtype, head_dim, group, all_decode, torch.float8_e4m3fn if cache == "fp8e4nv" else None,
+                                rows=64 if cap < 90 else None)  # prefill_rows
     options = dict(num_warps=config.pop("num_warps"), num_stages=config.pop("num_stages"))
     consts = dict(config, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=16, SPLIT=split,
                   V_KEYS_CONTIGUOUS=v_keys)
@@ -78,10 +79,6 @@ for cap in (90, 80):
                 | {n: "*fp8e4nv" for n in ("k_cache_ptr", "v_cache_ptr")}
                 | dict(positions_ptr="*i64", slot_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", stride_kcb="i64", stride_vcb="i64"),
                 dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEADS_PAD=32, KV_HEADS_PAD=8, HEAD_DIM=128, HALF_PAD=64, BLOCK_SIZE=16))
-    A.PREFILL_ROWS = 128  # the prefill tile candidate
-    attention(cap, torch.bfloat16, 128, 4, False, False)
-    attention(cap, torch.bfloat16, 128, 4, False, False, cache="fp8e4nv")
-    A.PREFILL_ROWS = 64
     attention(cap, torch.bfloat16, 80, 5, False, False)  # padded head_dim, odd group
     attention(cap, torch.float32, 64, 1, False, False)   # the fp32 GPU tests
     compile_for(cap, A._merge_splits_kernel, dict(out_ptr="*bf16", part_out_ptr="*fp32", part_lse_ptr="*fp32"),
