@@ -6,6 +6,7 @@ head_dim 128, bf16 KV cache, block_size 16, vocab 128256). JSON out.
 
     python bench/kernels.py                       # needs CUDA; on CPU it says so and exits 0
     python bench/kernels.py --out bench/results/kernels.json
+    python bench/kernels.py --only decode_tiles --decode-tiles-match "1536, float8"   # one sweep, fp8 workloads
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="launch decode steps a step ahead (default: the engine's, on for a GPU)")
     parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
-                        help="flip a module constant first, e.g. speedx.engine.model_runner.FP8_V_KEYS_CONTIGUOUS=True")
+                        help="flip a module constant first, e.g. speedx.kernels.triton_attention.PREFILL_ROWS=64")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", default="bench/results/throughput.json")
