@@ -21,10 +21,12 @@ import functools
 
 import torch
 
-from speedx.kernels.triton_jit import check_device, import_triton, jit
+from speedx.kernels.triton_jit import check_device, import_triton, interpreter_active, jit
 
 triton = import_triton()
 import triton.language as tl  # noqa: E402
+
+INTERPRETING = interpreter_active()  # fixed when triton.language is first imported
 
 LOG2E = 1.4426950408889634
 
@@ -39,7 +41,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     ALL_DECODE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP16_DOTS: tl.constexpr,
-    V_KEYS_CONTIGUOUS: tl.constexpr,
+    V_KEYS_CONTIGUOUS: tl.constexpr, WIDE_DOTS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     # first_q_block: cu_seqlens_q[0] // BLOCK_Q when the sequences are the tail of a batch (their
@@ -81,7 +83,10 @@ def _paged_attention_kernel(
     # An fp8 cache widens to fp16 in one conversion (to bf16 it takes a detour through fp32), so
     # FP16_DOTS runs both dots in fp16: q (bf16, |q| << 65504) and p (in [0, 1]) convert exactly enough.
     dot_dtype = tl.float16 if FP16_DOTS else q.dtype
-    q = q.to(dot_dtype)
+    # WIDE_DOTS (the CPU interpreter, which multiplies bf16 operands' bit patterns: triton-lang/triton
+    # #11584) hands the dots fp32 copies of the rounded operands: each product is exact either way.
+    operand_dtype = tl.float32 if WIDE_DOTS else dot_dtype
+    q = q.to(dot_dtype).to(operand_dtype)
     q_pos = kv_len - q_len + q_idx  # absolute position: the causal limit of each row
 
     # Keys up to the block's last query (causal), never past kv_len.
@@ -109,7 +114,7 @@ def _paged_attention_kernel(
         slot = n % BLOCK_SIZE
         k_off = blk * stride_kb + slot * stride_ks + kv_head * stride_kh
         kt = tl.load(k_cache_ptr + k_off[None, :] + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        kt = kt.to(dot_dtype)  # an fp8 cache is widened
+        kt = kt.to(dot_dtype).to(operand_dtype)  # an fp8 cache is widened
         qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
         qk = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -122,8 +127,8 @@ def _paged_attention_kernel(
         else:
             v_off = blk * stride_vb + slot * stride_vs + kv_head * stride_vh
             v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :] * stride_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = v.to(dot_dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v, input_precision=DOT_PRECISION)
+        v = v.to(dot_dtype).to(operand_dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype).to(operand_dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     if SPLIT:
@@ -272,6 +277,7 @@ def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: 
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, ALL_DECODE=all_decode,
         DOT_PRECISION="ieee" if dtype == torch.float32 else None,  # fp32 caches: no TF32 rounding
         FP16_DOTS=fp8_cache and dtype != torch.float32,
+        WIDE_DOTS=dtype == torch.bfloat16 and not fp8_cache and INTERPRETING,
         num_warps=num_warps, num_stages=num_stages,
     )
 

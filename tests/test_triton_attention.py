@@ -1,6 +1,6 @@
 """Triton paged attention (prefill, chunked prefill, decode, split-KV) and KV store against the
-PyTorch twins. On CPU they run under the Triton interpreter (fp32); the @gpu variants run the
-compiled kernels in bf16 on CUDA."""
+PyTorch twins. On CPU they run under the Triton interpreter (fp32, and bf16 for attention); the @gpu
+variants run the compiled kernels in bf16 and fp32 on CUDA."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ if importlib.util.find_spec("triton") is None:
 
 from triton_marks import needs_cuda, needs_interpreter  # noqa: E402
 from speedx.kernels import paged_attention_torch, store_kvcache_torch  # noqa: E402
-from speedx.kernels.triton_attention import paged_attention_triton, v_keys_contiguous  # noqa: E402
+from speedx.kernels.triton_attention import attention_config, paged_attention_triton, v_keys_contiguous  # noqa: E402
 from speedx.kernels.triton_kv_store import store_kvcache_triton  # noqa: E402
 
 
@@ -115,6 +115,17 @@ def test_attention_over_v_with_keys_contiguous(seqs, num_splits, num_decodes, bl
     assert v_keys_contiguous(keys_contiguous(torch.empty(1, block_size, 1, 8)), 32) == (block_size == 16)
     check_attention(seqs, 8, 2, 64, atol=2e-5, num_splits=num_splits, num_decodes=num_decodes, block_size=block_size,
                     v_layout="keys")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("seqs,num_splits,num_decodes", [(MIXED, 1, 0), (DECODE, 3, 0), (DECODES_FIRST, 4, 37)],
+                         ids=["mixed", "decode-split", "decodes-first"])
+def test_attention_bf16_in_the_interpreter(seqs, num_splits, num_decodes):
+    """bf16 as the GPU runs it (SPEEDX_KERNELS=triton on CPU with a bf16 model). The interpreter's
+    bf16 dots multiply the operands' bit patterns (triton-lang/triton#11584), so attention_config
+    widens them to fp32 there; the products are exact either way."""
+    assert attention_config(torch.bfloat16, 128, 4, False)["WIDE_DOTS"]
+    check_attention(seqs, 8, 2, 128, atol=2e-2, num_splits=num_splits, num_decodes=num_decodes, dtype=torch.bfloat16)
 
 
 def check_store(num_kv_heads, head_dim, dtype=torch.float32, device="cpu", v_layout="dims"):
