@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from speedx.kernels.triton_fp8 import INTERPRETING, to_cache_dtype
 from speedx.kernels.triton_jit import check_device, import_triton, jit
 
 triton = import_triton()
@@ -20,7 +21,7 @@ def _store_kvcache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, FP8_ROUND_IN_SOFTWARE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -34,9 +35,11 @@ def _store_kvcache_kernel(
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
     cache_dtype = k_cache_ptr.dtype.element_ty  # the rows' own dtype, or fp8
-    tl.store(k_cache_ptr + blk * stride_kcb + row * stride_kcs + h * stride_kch + d, k.to(cache_dtype), mask=mask)
+    k = to_cache_dtype(k, cache_dtype, FP8_ROUND_IN_SOFTWARE)
+    v = to_cache_dtype(v, cache_dtype, FP8_ROUND_IN_SOFTWARE)
+    tl.store(k_cache_ptr + blk * stride_kcb + row * stride_kcs + h * stride_kch + d, k, mask=mask)
     # V's head dims may be strided: a cache with each head's keys contiguous (model_runner.FP8_V_KEYS_CONTIGUOUS)
-    tl.store(v_cache_ptr + blk * stride_vcb + row * stride_vcs + h * stride_vch + d * stride_vcd, v.to(cache_dtype), mask=mask)
+    tl.store(v_cache_ptr + blk * stride_vcb + row * stride_vcs + h * stride_vch + d * stride_vcd, v, mask=mask)
 
 
 def store_kvcache_triton(
@@ -57,5 +60,5 @@ def store_kvcache_triton(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1],
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1], FP8_ROUND_IN_SOFTWARE=INTERPRETING,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from speedx.kernels.triton_fp8 import INTERPRETING, to_cache_dtype
 from speedx.kernels.triton_jit import check_device, import_triton, jit
 
 triton = import_triton()
@@ -101,7 +102,7 @@ def _rope_and_store_kernel(
     stride_qkv, stride_qo, stride_qh, stride_table, stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch, stride_vcd,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8_ROUND_IN_SOFTWARE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     dtype = q_out_ptr.dtype.element_ty
@@ -137,13 +138,15 @@ def _rope_and_store_kernel(
         k1, k2 = _rotate(k1, k2, cos1, cos2, sin1, sin2, dtype)
         cache_dtype = k_cache_ptr.dtype.element_ty  # the activation dtype, or fp8
         k_dst = k_cache_ptr + blk * stride_kcb + pos_in_blk * stride_kcs + kh * stride_kch
-        tl.store(k_dst + d, k1.to(cache_dtype), mask=kv_mask)
-        tl.store(k_dst + HALF + d, k2.to(cache_dtype), mask=kv_mask)
+        tl.store(k_dst + d, to_cache_dtype(k1, cache_dtype, FP8_ROUND_IN_SOFTWARE), mask=kv_mask)
+        tl.store(k_dst + HALF + d, to_cache_dtype(k2, cache_dtype, FP8_ROUND_IN_SOFTWARE), mask=kv_mask)
         v_src = row + (NUM_HEADS + NUM_KV_HEADS) * HEAD_DIM + kh * HEAD_DIM
         v_dst = v_cache_ptr + blk * stride_vcb + pos_in_blk * stride_vcs + kh * stride_vch
         # V's head dims may be strided (model_runner.FP8_V_KEYS_CONTIGUOUS)
-        tl.store(v_dst + d * stride_vcd, tl.load(v_src + d, mask=kv_mask).to(cache_dtype), mask=kv_mask)
-        tl.store(v_dst + (HALF + d) * stride_vcd, tl.load(v_src + HALF + d, mask=kv_mask).to(cache_dtype), mask=kv_mask)
+        v1 = to_cache_dtype(tl.load(v_src + d, mask=kv_mask), cache_dtype, FP8_ROUND_IN_SOFTWARE)
+        v2 = to_cache_dtype(tl.load(v_src + HALF + d, mask=kv_mask), cache_dtype, FP8_ROUND_IN_SOFTWARE)
+        tl.store(v_dst + d * stride_vcd, v1, mask=kv_mask)
+        tl.store(v_dst + (HALF + d) * stride_vcd, v2, mask=kv_mask)
 
 
 def rope_and_store_triton(qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
@@ -165,7 +168,8 @@ def rope_and_store_triton(qkv, positions, cos_table, sin_table, k_cache, v_cache
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads),
             KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
-            HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1], num_warps=4,
+            HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1], FP8_ROUND_IN_SOFTWARE=INTERPRETING,
+            num_warps=4,
             enable_fp_fusion=False,  # else the rounded products and their sum fuse into one bf16 FMA
         )
     return q

@@ -71,15 +71,52 @@ def test_gpu_triton_attention_reads_fp8_cache(decode, v_layout):
     check_triton_attention_fp8(DECODE if decode else MIXED, "cuda", torch.bfloat16, 0 if decode else 1, v_layout)
 
 
-@pytest.mark.gpu
-@needs_cuda
-def test_gpu_rope_and_store_rounds_to_fp8_like_the_twin():
+def fp8_rounding_cases(dtype) -> torch.Tensor:
+    """Every finite bf16 value in `dtype`; in fp32 also each midpoint between neighbouring fp8 values
+    (a tie) and the fp32 values either side of it."""
+    bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    values = bf16[torch.isfinite(bf16)].to(dtype)
+    if dtype == torch.float32:
+        grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()
+        grid = grid[torch.isfinite(grid)].unique()  # sorted
+        ties = (grid[1:] + grid[:-1]) / 2  # exact in fp32
+        values = torch.cat([values, ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
+    return values
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_triton_store_rounds_to_fp8_like_the_twin(dtype):
+    """The Triton KV store into an fp8 cache, bit for bit as the twin (and the GPU's cvt.rn.satfinite):
+    to nearest, ties to even, carries into the exponent, subnormals, -0.0, saturation at 448. The
+    interpreter's own conversion gets carries and ties wrong (triton-lang/triton#8322), so the
+    kernels round onto the fp8 grid themselves there (kernels/triton_fp8.py)."""
+    from speedx.kernels.triton_kv_store import store_kvcache_triton
+
+    values = fp8_rounding_cases(dtype)
+    heads, dim = 2, 64
+    tokens = -(-values.numel() // (heads * dim))
+    k = torch.cat([values, values.new_zeros(tokens * heads * dim - values.numel())]).view(tokens, heads, dim)
+    cache = torch.zeros(2, -(-tokens // 16), 16, heads, dim, dtype=FP8)
+    ref = cache.clone()
+    slots = torch.arange(tokens)
+    store_kvcache_triton(k, -k, cache[0], cache[1], slots)
+    store_kvcache_torch(k, -k, ref[0], ref[1], slots)
+    assert torch.equal(cache.view(torch.uint8), ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_interpreter),
+                                    pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+def test_rope_and_store_rounds_to_fp8_like_the_twin(device):
+    """RoPE + KV store into an fp8 cache, in bf16 on a GPU; in fp32 in the interpreter, whose own
+    fp32 -> bf16 conversion truncates (so the layers' bf16 tests are GPU-only too)."""
     from test_triton_layers import rope_case
 
     from speedx.kernels import rope_and_store_torch
     from speedx.kernels.triton_layers import rope_and_store_triton
 
-    qkv, positions, cos, sin, cache, slots = rope_case(37, 32, 8, 128, torch.bfloat16, "cuda")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    qkv, positions, cos, sin, cache, slots = rope_case(37, 32, 8, 128, dtype, device)
     cache = cache.to(FP8)
     ref_cache = cache.clone()
     q = rope_and_store_triton(qkv, positions, cos, sin, cache[0], cache[1], slots, 32, 8)

@@ -78,20 +78,23 @@ for cap in (90, 80):
     compile_for(cap, L._rope_and_store_kernel, {n: "*bf16" for n in ("q_out_ptr", "qkv_ptr")}
                 | {n: "*fp8e4nv" for n in ("k_cache_ptr", "v_cache_ptr")}
                 | dict(positions_ptr="*i64", slot_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", stride_kcb="i64", stride_vcb="i64"),
-                dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEADS_PAD=32, KV_HEADS_PAD=8, HEAD_DIM=128, HALF_PAD=64, BLOCK_SIZE=16))
+                dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEADS_PAD=32, KV_HEADS_PAD=8, HEAD_DIM=128, HALF_PAD=64, BLOCK_SIZE=16,
+                     FP8_ROUND_IN_SOFTWARE=False))
     attention(cap, torch.bfloat16, 80, 5, False, False)  # padded head_dim, odd group
     attention(cap, torch.float32, 64, 1, False, False)   # the fp32 GPU tests
     compile_for(cap, A._merge_splits_kernel, dict(out_ptr="*bf16", part_out_ptr="*fp32", part_lse_ptr="*fp32"),
                 dict(HEAD_DIM=128, HEAD_DIM_PAD=128, SPLITS_PAD=8))
     compile_for(cap, S._store_kvcache_kernel, {n: "*bf16" for n in ("k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr")}
-                | dict(slot_ptr="*i64"), dict(NUM_KV_HEADS=8, HEAD_DIM=128, HEADS_PAD=8, HEAD_DIM_PAD=128, BLOCK_SIZE=16))
+                | dict(slot_ptr="*i64"), dict(NUM_KV_HEADS=8, HEAD_DIM=128, HEADS_PAD=8, HEAD_DIM_PAD=128, BLOCK_SIZE=16,
+                     FP8_ROUND_IN_SOFTWARE=False))
     for dt in ("bf16", "fp32"):  # the decoder's fused elementwise layers, Llama-3-8B shapes
         compile_for(cap, L._rms_norm_kernel, {n: f"*{dt}" for n in ("out_ptr", "sum_ptr", "x_ptr", "residual_ptr", "weight_ptr")}
                     | dict(eps="fp32"), dict(HAS_RESIDUAL=True, BLOCK=4096), num_warps=16)
         compile_for(cap, L._silu_mul_kernel, dict(out_ptr=f"*{dt}", in_ptr=f"*{dt}"), dict(BLOCK=1024))
         compile_for(cap, L._rope_and_store_kernel, {n: f"*{dt}" for n in ("q_out_ptr", "k_cache_ptr", "v_cache_ptr", "qkv_ptr")}
                     | dict(positions_ptr="*i64", slot_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", stride_kcb="i64", stride_vcb="i64"),
-                    dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEADS_PAD=32, KV_HEADS_PAD=8, HEAD_DIM=128, HALF_PAD=64, BLOCK_SIZE=16))
+                    dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEADS_PAD=32, KV_HEADS_PAD=8, HEAD_DIM=128, HALF_PAD=64, BLOCK_SIZE=16,
+                     FP8_ROUND_IN_SOFTWARE=False))
     types = {n: "*i64" for n in ("top_k_ptr", "key_ptr", "seed_ptr", "sample_index_ptr", "position_ptr", "tokens_ptr")}
     types.update({n: "*fp32" for n in ("logits_ptr", "temperature_ptr", "top_p_ptr", "min_p_ptr", "masked_ptr")})
     types.update(bitmask_ptr="*i32")
