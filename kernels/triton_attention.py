@@ -26,8 +26,6 @@ from speedx.kernels.triton_jit import check_device, import_triton, interpreter_a
 triton = import_triton()
 import triton.language as tl  # noqa: E402
 
-INTERPRETING = interpreter_active()  # fixed when triton.language is first imported
-
 LOG2E = 1.4426950408889634
 
 
@@ -277,7 +275,7 @@ def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: 
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, ALL_DECODE=all_decode,
         DOT_PRECISION="ieee" if dtype == torch.float32 else None,  # fp32 caches: no TF32 rounding
         FP16_DOTS=fp8_cache and dtype != torch.float32,
-        WIDE_DOTS=dtype == torch.bfloat16 and not fp8_cache and INTERPRETING,
+        WIDE_DOTS=dtype == torch.bfloat16 and not fp8_cache and interpreter_active(),
         num_warps=num_warps, num_stages=num_stages,
     )
 

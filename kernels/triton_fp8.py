@@ -9,18 +9,16 @@ then converts exactly.
 
 from __future__ import annotations
 
-from speedx.kernels.triton_jit import import_triton, interpreter_active, jit
+from speedx.kernels.triton_jit import import_triton, jit
 
 triton = import_triton()
 import triton.language as tl  # noqa: E402
-
-INTERPRETING = interpreter_active()  # the kernels' FP8_ROUND_IN_SOFTWARE
 
 
 @jit
 def to_cache_dtype(x, cache_dtype: tl.constexpr, ROUND_IN_SOFTWARE: tl.constexpr):
     """x converted to the cache's dtype (the activation dtype, or fp8 e4m3); ROUND_IN_SOFTWARE under
-    the interpreter."""
+    the interpreter (the launchers pass interpreter_active())."""
     if ROUND_IN_SOFTWARE:
         if cache_dtype == tl.float8e4nv:
             x = _round_to_e4m3_grid(x.to(tl.float32))

@@ -8,6 +8,7 @@ the environment at decoration time. Only the Triton kernel modules import this, 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -31,6 +32,7 @@ def import_triton(interpret: bool = False):
     return triton
 
 
+@functools.cache  # the mode is fixed once triton.language is imported; launches ask every time
 def interpreter_active() -> bool:
     """True when triton.language was imported in interpreter mode (kernels then run on CPU tensors)."""
     import triton.language.standard as standard

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from speedx.kernels.triton_fp8 import INTERPRETING, to_cache_dtype
-from speedx.kernels.triton_jit import check_device, import_triton, jit
+from speedx.kernels.triton_fp8 import to_cache_dtype
+from speedx.kernels.triton_jit import check_device, import_triton, interpreter_active, jit
 
 triton = import_triton()
 import triton.language as tl  # noqa: E402
@@ -60,5 +60,6 @@ def store_kvcache_triton(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1], FP8_ROUND_IN_SOFTWARE=INTERPRETING,
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1],
+        FP8_ROUND_IN_SOFTWARE=interpreter_active(),
     )

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from speedx.kernels.triton_fp8 import INTERPRETING, to_cache_dtype
-from speedx.kernels.triton_jit import check_device, import_triton, jit
+from speedx.kernels.triton_fp8 import to_cache_dtype
+from speedx.kernels.triton_jit import check_device, import_triton, interpreter_active, jit
 
 triton = import_triton()
 import triton.language as tl  # noqa: E402
@@ -168,8 +168,8 @@ def rope_and_store_triton(qkv, positions, cos_table, sin_table, k_cache, v_cache
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads),
             KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
-            HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1], FP8_ROUND_IN_SOFTWARE=INTERPRETING,
-            num_warps=4,
+            HALF_PAD=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1],
+            FP8_ROUND_IN_SOFTWARE=interpreter_active(), num_warps=4,
             enable_fp_fusion=False,  # else the rounded products and their sum fuse into one bf16 FMA
         )
     return q
