@@ -33,7 +33,9 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("throughput_*.json")):
     fraction = r.get("roofline", {}).get("fraction")
     print(f"{path.stem:<48}{r['contenders']['speedx']['output_tokens_per_s']:>10.0f} tok/s"
           + ("" if fraction is None else f"  {fraction:.0%} of the roofline") + f"  ({r['device']})"
-          + "".join(f"  --set {a.rpartition('.')[2]}" for a in r.get("set", [])))
+          + "".join(f"  --set {a.rpartition('.')[2]}" for a in r.get("set", []))
+          # every timed run, in order: shows whether a process's first run is the slow one
+          + "  runs " + " ".join(f"{s:.2f}" for s in r["contenders"]["speedx"]["seconds"]) + " s")
 EOF
     echo; echo "results in $RESULTS/ (exit status $status)"
 }
