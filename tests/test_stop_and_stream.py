@@ -43,8 +43,8 @@ def test_stop_token_text_is_left_out_unless_asked_for(tiny_llama):
 
 
 def test_min_tokens_passes_over_stop_strings_that_end_before_it(tiny_llama):
-    """As vLLM: stop strings count from the min_tokens-th token on, and only where they end in text
-    from then on; one whole in the earlier text is passed over."""
+    """As vLLM (since vllm-project/vllm#22014): stop strings count where they end in the text of a
+    token after the first min_tokens; one that ends in the text of those tokens is passed over."""
     path, _, tok = tiny_llama
     llm = make_llm(path)
     prompt = random_prompts(len(tok), [7], seed=12)[0]
@@ -52,16 +52,29 @@ def test_min_tokens_passes_over_stop_strings_that_end_before_it(tiny_llama):
     ids = llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
     texts = [tok.decode(ids[:i], skip_special_tokens=True) for i in range(len(ids) + 1)]
     text = texts[-1]
-    # A character that first ends in the text of token `early` and shows up again later on.
+    # A character whose first appearance ends in the text of token `early`, and that shows up again later on.
     stop, early = next((c, i) for c in sorted(set(text)) if c.strip() and text.count(c) > 1
                        for i in range(1, len(ids)) if c in texts[i] and text.rfind(c) >= len(texts[i]))
-    min_tokens = early + 1
-    at = text.find(stop, len(texts[early]))  # the first one that ends after the first min_tokens - 1 tokens
+    at = text.find(stop, len(texts[early]))  # the first one that ends after the text of the first `early` tokens
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=stop,
-                                                min_tokens=min_tokens), use_tqdm=False)[0].outputs[0]
+                                                min_tokens=early), use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
-    assert out.text == text[:at] and len(out.token_ids) >= min_tokens
-    assert text.find(stop) < at  # without min_tokens it would have stopped earlier
+    assert out.text == text[:at] and len(out.token_ids) > early
+    assert text.find(stop) < len(texts[early])  # it ends in the min_tokens-th token's text: passed over
+
+
+def test_stop_strings_are_searched_without_decoding_the_whole_output_per_token(tiny_llama):
+    path, _, tok = tiny_llama
+    llm = make_llm(path)
+    decode, calls = llm.engine.tokenizer.decode, []
+    llm.engine.tokenizer.decode = lambda *args, **kwargs: calls.append(args) or decode(*args, **kwargs)
+    try:
+        out = llm.generate(random_prompts(len(tok), [7], seed=12), SamplingParams(
+            temperature=0, max_tokens=40, ignore_eos=True, stop="\u2603 never"), use_tqdm=False)[0].outputs[0]
+    finally:
+        llm.engine.tokenizer.decode = decode
+    assert out.finish_reason == "length" and out.text == decode(out.token_ids, skip_special_tokens=True)
+    assert len(calls) == 1  # the finished output's text; stop strings were searched in text decoded per token
 
 
 def test_max_tokens_none_runs_to_the_context_length(tiny_llama):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 
 from speedx._C import BlockPool
+from speedx.engine.detokenizer import IncrementalDetokenizer
 from speedx.engine.model_runner import ModelRunner, PendingStep
 from speedx.engine.outputs import CompletionOutput, RequestOutput
 from speedx.engine.sampling_params import SamplingParams
@@ -257,10 +258,13 @@ class LLMEngine:
             return "stop", token
         stops = p.stop_strings
         if stops:
-            text = self._decode(seq.output_token_ids, seq)
-            if can_stop:
-                # Only stop strings that end in this token's text, as vLLM: one that lay whole in the
-                # text before min_tokens was reached does not count.
+            if seq.detokenizer is None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)
+            seq.detokenizer.add(token)
+            text = seq.detokenizer.text
+            # As vLLM: a stop string counts where it ends in the text of a token after the first
+            # min_tokens, and only there (the search starts a stop string's length before the new text).
+            if num_output_tokens > p.min_tokens:
                 for stop in stops:
                     at = text.find(stop, max(0, seq.stop_search_from - len(stop) + 1))
                     if at >= 0:

@@ -7,6 +7,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
+from speedx.engine.detokenizer import IncrementalDetokenizer
 from speedx.engine.sampling_params import SamplingParams
 
 
@@ -51,6 +52,7 @@ class Sequence:
     stop_reason: str | int | None = None
     output_text: str = ""
     stop_search_from: int = 0  # characters of the output text already searched for stop strings
+    detokenizer: IncrementalDetokenizer | None = None  # the output's text, kept while there are stop strings
     matcher: object | None = None  # xgrammar GrammarMatcher of a json_schema request; survives preemption
 
     @property

@@ -22,6 +22,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+from speedx.engine.detokenizer import IncrementalDetokenizer
 from speedx.engine.llm_engine import LLMEngine
 from speedx.engine.outputs import RequestOutput
 from speedx.engine.sampling_params import SamplingParams
@@ -52,28 +53,27 @@ class Delta:
 
 
 class IncrementalText:
-    """A sample's text, handed out piece by piece as tokens arrive.
+    """A sample's text, handed out piece by piece as tokens arrive (speedx.engine.detokenizer).
 
-    Decodes a short window of tokens (vLLM's prefix/read offsets) instead of the whole output
-    each step; holds back text ending in U+FFFD (half of a multi-byte character) and the last
-    len(longest stop string) - 1 characters (they may begin a stop string the engine will cut).
+    Holds back the last len(longest stop string) - 1 characters: they may begin a stop string the
+    engine will cut.
     """
 
     def __init__(self, tokenizer, params: SamplingParams):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = params.skip_special_tokens
+        self.detokenizer = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
         self.holdback = max((len(s) for s in params.stop_strings), default=1) - 1
-        self.prefix_offset = self.read_offset = 0
-        self.text = ""  # decoded so far
-        self.sent = 0  # characters of self.text handed out
+        self.num_tokens = 0  # output tokens decoded
+        self.sent = 0  # characters of the text handed out
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.text
 
     def update(self, token_ids: list[int]) -> str:
-        decode = self.tokenizer.decode
-        before = decode(token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip_special_tokens)
-        after = decode(token_ids[self.prefix_offset :], skip_special_tokens=self.skip_special_tokens)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
+        """token_ids: the sample's output so far -> the text to hand out now."""
+        for token in token_ids[self.num_tokens :]:
+            self.detokenizer.add(token)
+        self.num_tokens = len(token_ids)
         end = len(self.text) - self.holdback
         if end <= self.sent:
             return ""
