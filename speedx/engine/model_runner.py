@@ -162,7 +162,7 @@ class ModelRunner:
             [seq.num_tokens + ahead for seq, _ in rows],
         )
         temperature, top_k, top_p, min_p, uniforms = self.sampling_staging.to_device(
-            column("temperature", np.float32), column("top_k", np.int64), column("top_p", np.float32),
+            column("sampling_temperature", np.float32), column("top_k", np.int64), column("top_p", np.float32),
             column("min_p", np.float32), uniforms,
         )
         return sample_tokens(logits, temperature, top_k, top_p, min_p, uniforms, bitmask)

@@ -6,6 +6,9 @@ import json
 import math
 from dataclasses import dataclass
 
+# Temperatures below this decode greedily, as in vLLM: logits divided by a tinier one overflow fp32.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -37,7 +40,7 @@ class SamplingParams:
         if not is_int(self.n) or self.n < 1:
             fail(f"n must be an integer >= 1, got {self.n!r}")
         if not is_number(self.temperature) or self.temperature < 0:
-            fail(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
+            fail(f"temperature must be a finite number >= 0 (below {GREEDY_BELOW}: greedy), got {self.temperature!r}")
         if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             fail(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not is_int(self.top_k) or self.top_k < -1:
@@ -68,7 +71,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def sampling_temperature(self) -> float:
+        """What the sampler divides the logits by; 0 means greedy (argmax)."""
+        return 0.0 if self.greedy else float(self.temperature)
 
     @property
     def stop_strings(self) -> list[str]:
