@@ -19,6 +19,7 @@ from helpers import hf_greedy, make_llm
 from speedx import SamplingParams
 from speedx.serving import start_server
 from speedx.serving.async_engine import IncrementalText
+from speedx.serving.protocol import ChatCompletionRequest
 
 MAX_TOKENS_LIMIT = 64
 MAX_REQUEST_BYTES = 32 * 1024
@@ -149,6 +150,28 @@ def test_incremental_text_never_splits_a_character_nor_shows_a_stop_string(tiny_
         sent += text.update(ids[:i])
         assert "a é ü 日本 ".startswith(sent)
     assert sent + text.finish("a é ü 日本 ") == "a é ü 日本 "
+
+
+def test_sampling_settings_left_out_take_the_model_defaults():
+    """The model's generation_config.json defaults (LLM.get_default_sampling_params) fill what a request leaves out."""
+    defaults = SamplingParams(temperature=0.3, top_p=0.8, top_k=20, min_p=0.05)
+    params = ChatCompletionRequest(messages=CHAT).sampling_params(10, defaults)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p, params.max_tokens) == (0.3, 0.8, 20, 0.05, 10)
+    given = ChatCompletionRequest(messages=CHAT, temperature=0, top_p=1, top_k=-1, min_p=0).sampling_params(10, defaults)
+    assert (given.temperature, given.top_p, given.top_k, given.min_p) == (0, 1, -1, 0)
+
+
+def test_chat_text_parts_are_joined_as_vllm_joins_them(client, tiny_llama):
+    tok = tiny_llama[2]
+
+    def prompt_tokens(text):
+        conversation = [{"role": "user", "content": text}]
+        return len(tok.encode(tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True),
+                              add_special_tokens=False))
+
+    parts = [{"role": "user", "content": [{"type": "text", "text": "the lazy"}, {"type": "text", "text": "dog"}]}]
+    assert prompt_tokens("the lazy\ndog") != prompt_tokens("the lazydog")
+    assert chat(client, messages=parts, temperature=0, max_tokens=5).usage.prompt_tokens == prompt_tokens("the lazy\ndog")
 
 
 def test_response_format_json_schema_and_json_object(client):

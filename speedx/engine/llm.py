@@ -83,6 +83,7 @@ class LLM:
         path = resolve_model_path(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         config, weights = load_config_and_weights(path)  # weights: lazy, read by load_weights below
+        self._sampling_defaults = _checked_sampling_defaults(config.sampling_defaults, path)
         self.tokenizer = load_tokenizer(resolve_model_path(tokenizer) if tokenizer else path)  # fail fast
         if lora is not None:
             weights = LoRAAdapter.load(lora).merge(weights)
@@ -150,6 +151,12 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a generate/chat call without SamplingParams uses: the sampling settings of the model's
+        generation_config.json (temperature, top_p, top_k, min_p, max_new_tokens), as vLLM, on top of
+        SamplingParams()'s."""
+        return SamplingParams(**self._sampling_defaults)
+
     # ------------------------------------------------------------------ generation
 
     def generate(
@@ -184,23 +191,38 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the model's chat template to one conversation or a list of them, then generate.
+        The template options are apply_chat_template's."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.apply_chat_template(c, add_generation_prompt, chat_template) for c in conversations]
+        prompts = [self.apply_chat_template(c, add_generation_prompt, chat_template, continue_final_message=continue_final_message,
+                                            tools=tools, chat_template_kwargs=chat_template_kwargs) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def apply_chat_template(self, conversation: list[dict], add_generation_prompt=True, chat_template=None) -> list[int]:
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt=True, chat_template=None, *,
+                            continue_final_message: bool = False, tools: list[dict] | None = None,
+                            chat_template_kwargs: dict | None = None) -> list[int]:
+        """Token ids of a conversation in the chat template (the model's, or chat_template). Messages may
+        hold OpenAI-style text parts ([{"type": "text", "text": ...}]), joined by newlines as in vLLM.
+        continue_final_message: end the prompt inside the last (assistant) message, for the model to
+        continue it; tools and chat_template_kwargs go to the template as transformers passes them."""
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.model_name} has no chat template; pass chat_template=... or use generate()")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message=True continues the last message: pass add_generation_prompt=False with it")
         text = self.tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+            [_text_message(m, i) for i, m in enumerate(conversation)], tokenize=False,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message, tools=tools,
+            chat_template=chat_template, **(chat_template_kwargs or {}),
         )
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote any BOS itself
 
     def _run(self, prompts: list[Prompt], sampling_params, use_tqdm) -> Iterator[tuple[int, RequestOutput]]:
         """prompts: as _as_list returns them."""
-        params = _params_for(prompts, sampling_params)
+        params = _params_for(prompts, sampling_params if sampling_params is not None else self.get_default_sampling_params())
         engine = self.engine
         if engine.has_unfinished_requests():
             raise RuntimeError("LLM.generate is not re-entrant: finish the previous generate/stream call first")
@@ -224,6 +246,20 @@ class LLM:
             if progress is not None:
                 progress.close()
             engine.abort_all()
+
+
+def _text_message(message, index: int) -> dict:
+    """message with OpenAI-style text parts joined into one string: templates expect a string."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ValueError(f"message {index}: expected a dict with 'role' and 'content', got {message!r:.80}")
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    for part in content:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise ValueError(f"message {index}: only text content parts ({{'type': 'text', 'text': ...}}) are "
+                             f"supported, got {part!r:.80}")
+    return {**message, "content": "\n".join(part["text"] for part in content)}
 
 
 def _as_list(prompts) -> list[Prompt]:
@@ -257,9 +293,17 @@ def _prompt(prompt, index: int) -> Prompt:
     raise ValueError(f"prompt {index}: expected a string or a list of token ids (integers), got {prompt!r:.80}")
 
 
+def _checked_sampling_defaults(defaults: dict, path) -> dict:
+    if defaults:
+        try:
+            SamplingParams(**defaults)
+        except ValueError as exc:
+            raise ValueError(f"{path}/generation_config.json: {exc}; fix or remove the setting") from None
+        logger.info("requests without SamplingParams use the model's generation_config.json: %s", defaults)
+    return defaults
+
+
 def _params_for(prompts: list, sampling_params) -> list[SamplingParams]:
-    if sampling_params is None:
-        return [SamplingParams()] * len(prompts)
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * len(prompts)
     sampling_params = list(sampling_params)

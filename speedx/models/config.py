@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# generation_config.json settings that vLLM takes as a request's defaults, by their SamplingParams names
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "max_new_tokens": "max_tokens"}
 
 
 @dataclass
@@ -28,6 +31,7 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    sampling_defaults: dict = field(default_factory=dict)  # SamplingParams fields from generation_config.json
 
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> "ModelConfig":
@@ -68,4 +72,23 @@ class ModelConfig:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} has no config.json: pass a Hugging Face model directory or a .gguf file")
-        return cls.from_hf_dict(json.loads(config_file.read_text()))
+        config = cls.from_hf_dict(json.loads(config_file.read_text()))
+        generation_file = Path(path) / "generation_config.json"
+        if generation_file.is_file():
+            try:
+                config.apply_generation_config(json.loads(generation_file.read_text()))
+            except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{generation_file} is not a JSON object of generation settings ({exc}): "
+                                 "fix or remove it") from None
+        return config
+
+    def apply_generation_config(self, generation: dict) -> None:
+        """generation_config.json, read as vLLM reads it: its EOS ids end generation too (an instruct
+        model's end of turn is often only there), and its sampling settings are the defaults of a
+        request that gives no SamplingParams."""
+        eos = generation.get("eos_token_id")
+        for token in [] if eos is None else [eos] if isinstance(eos, int) else eos:
+            if token not in self.eos_token_ids:
+                self.eos_token_ids.append(token)
+        self.sampling_defaults = {name: generation[key] for key, name in GENERATION_DEFAULTS.items()
+                                  if generation.get(key) is not None}

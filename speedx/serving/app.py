@@ -120,6 +120,7 @@ class _API:
         self.engine = engine
         self.model_name = model_name
         self.max_model_len = llm.max_model_len
+        self.sampling_defaults = llm.get_default_sampling_params()
         self.max_tokens_limit = min(max_tokens_limit, llm.max_model_len)
         self.created = int(time.time())
 
@@ -149,7 +150,7 @@ class _API:
         return requested  # a longer answer stops at the context end with finish_reason "length"
 
     async def run(self, request: Request, body: SamplingRequest, prompts: list[list[int]], chat: bool):
-        params = body.sampling_params(self.max_tokens(body, prompts, chat))
+        params = body.sampling_params(self.max_tokens(body, prompts, chat), self.sampling_defaults)
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         ids = [f"{response_id}-{i}" for i in range(len(prompts))]
         queue: asyncio.Queue = asyncio.Queue()

@@ -70,8 +70,8 @@ class SamplingRequest(_Body):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     # Extensions with vLLM's names (the official client sends them through extra_body).
-    top_k: int = Field(-1, ge=-1)
-    min_p: float = Field(0.0, ge=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = Field(False, strict=True)
     presence_penalty: float | None = None
@@ -108,12 +108,16 @@ class SamplingRequest(_Body):
             raise APIError(400, "response_format of type json_schema needs json_schema.schema", "response_format")
         return fmt.json_schema.schema_
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, defaults: SamplingParams) -> SamplingParams:
+        """defaults: for the sampling settings the request leaves out (LLM.get_default_sampling_params)."""
+        def given(name):
+            value = getattr(self, name)
+            return getattr(defaults, name) if value is None else value
+
         try:
             return SamplingParams(
-                n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k, min_p=self.min_p,
-                max_tokens=max_tokens, min_tokens=self.min_tokens, seed=self.seed,
+                n=self.n, temperature=given("temperature"), top_p=given("top_p"), top_k=given("top_k"),
+                min_p=given("min_p"), max_tokens=max_tokens, min_tokens=self.min_tokens, seed=self.seed,
                 stop=self.stop, ignore_eos=self.ignore_eos, json_schema=self.json_schema(),
             )
         except ValueError as exc:
@@ -140,8 +144,8 @@ class ChatMessage(_Body):
         return content
 
     def template_dict(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(p["text"] for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        """The message for LLM.apply_chat_template (which joins text parts as vLLM does)."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content or ""}
 
 
 class ChatCompletionRequest(SamplingRequest):
