@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from speedx.synth.run_files import ensure_writable_dir
 EXIT_BAD_INPUT = 2
 DEFAULT_DATA = "speedx-out/examples.jsonl"
 DEFAULT_SCALING_TASKS = "stsb,scifact"
+OUTPUT_MARKERS = ("speedx_train.json", "scaling.json")  # what a run of this command leaves in --out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="base model: 'default' (all-MiniLM-L6-v2), a "
                    "sentence-transformers directory, or a Hugging Face encoder / causal-LM directory")
     p.add_argument("--out", default=None, help="output directory (default: speedx-out/model, or "
-                   "speedx-out/scaling with --scaling)")
+                   "speedx-out/scaling with --scaling); an earlier output of this command there is replaced")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that holds no earlier "
+                   "output of this command (everything in it is deleted first)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (E5: 1)")
     p.add_argument("--batch-size", type=int, default=32, help="queries per batch (per device); every query is "
                    "scored against all positives and negatives of the batch")
@@ -85,8 +89,28 @@ def query_prefix(instruction: str | None) -> str | None:
     return format_query("", instruction) if instruction else None
 
 
+def prepare_out(out: Path, overwrite: bool, reads: list[Path]) -> None:
+    """Make `out` an empty writable directory. A non-empty one is emptied (no stale files of an earlier
+    model stay) only when it holds an earlier output of this command, or with overwrite; never when it
+    holds a path this run reads (the data, the base model)."""
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite and not any((out / name).is_file() for name in OUTPUT_MARKERS):
+            raise ValueError(f"--out {out} is not empty: pass --overwrite to replace it, or choose another directory")
+        for path in reads:
+            if path.resolve().is_relative_to(out.resolve()):
+                raise ValueError(f"replacing --out {out} would delete {path}, which this run reads: "
+                                 "choose another directory")
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    ensure_writable_dir(out)
+
+
 def run(args) -> int:
     from speedx.embed.data import load_training_rows
+    from speedx.embed.default_embedder import resolve_embedder
     from speedx.embed.scaling import default_evaluator, nested_subsets, parse_sizes
 
     # Cheap checks first (the trainer import takes seconds).
@@ -117,7 +141,8 @@ def run(args) -> int:
                       warmup_ratio=args.warmup_ratio, device=args.device, progress=not args.no_progress)
     cfg.check()
     out = Path(args.out or ("speedx-out/scaling" if sizes else "speedx-out/model"))
-    ensure_writable_dir(out)
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: the first process prepares it for all
+        prepare_out(out, args.overwrite, reads=[data, Path(resolve_embedder(args.model))])
 
     evaluate = functools.partial(default_evaluator, query_instruction=query_prefix(args.eval_instruction))
     if sizes:

@@ -128,9 +128,9 @@ def test_pipeline_prefixes_queries_only_and_excludes_positives_query_text_and_ex
     queries, documents = model.encoded
     assert queries == ["Instruct: Retrieve a definition\nQuery: what is a cat", "rain"]  # each query embedded once
     assert documents[: len(corpus)] == corpus  # documents are plain
-    # the two records of one query share their positives; the existing negative comes first, never twice
-    assert out[0]["negatives"][0] == "dogs bark"
-    assert set(out[0]["negatives"][1:]) == {"rain", "snow is frozen", "the sun is hot", "fish swim"}
+    # the two records of one query share their positives; the existing negative comes last, never twice
+    assert out[0]["negatives"][-1] == "dogs bark"
+    assert set(out[0]["negatives"][:-1]) == {"rain", "snow is frozen", "the sun is hot", "fish swim"}
     assert len(out[0]["mined_negative_scores"]) == 4 and len(out[1]["negatives"]) == 5
     assert "rain" not in out[2]["negatives"] and "water falling from clouds" not in out[2]["negatives"]
     assert len(out[2]["negatives"]) == len(corpus) - 1  # its positive is not in this corpus; only "rain" drops
@@ -268,7 +268,7 @@ def write_jsonl(path, rows):
 
 @pytest.mark.parametrize("case, args, message", [
     ("missing", ["--input", "{tmp}/nope.jsonl"], "does not exist"),
-    ("no-positive", ["--input", "{tmp}/bad.jsonl"], "bad.jsonl:2: each line needs"),
+    ("no-positive", ["--input", "{tmp}/bad.jsonl"], "bad.jsonl:2: missing field 'positive'"),  # as train says
     ("empty-corpus", ["--input", "{tmp}/ok.jsonl", "--corpus", "{tmp}/empty.txt"], "holds no documents"),
     ("window", ["--input", "{tmp}/ok.jsonl", "--range-min", "50", "--range-max", "10"], "range_min (50) must be smaller"),
     ("count", ["--input", "{tmp}/ok.jsonl", "--num-negatives", "0"], "num_negatives must be >= 1"),
@@ -330,5 +330,59 @@ def test_cli_writes_mined_records_and_summary(tmp_path, capsys, monkeypatch, emb
     assert len(mined) == 12
     for row, record in zip(rows, mined):
         assert {k: record[k] for k in row if k != "negatives"} == {k: v for k, v in row.items() if k != "negatives"}
-        assert record["negatives"][0] == "an existing negative" and len(record["negatives"]) == 5
+        assert record["negatives"][-1] == "an existing negative" and len(record["negatives"]) == 5
         assert row["positive"] not in record["negatives"] and len(record["mined_negative_scores"]) == 4
+
+
+def test_cli_reads_what_train_reads_a_run_directory_and_sentence_transformers_rows(tmp_path, monkeypatch):
+    from speedx.embed.data import load_training_rows
+
+    model = FakeEmbedder()
+    monkeypatch.setattr(mining, "load_embedder", lambda name, device=None: model)
+    run = tmp_path / "run"  # a synthesis run directory: its examples.jsonl, as `train --data run` reads
+    run.mkdir()
+    write_jsonl(run / "examples.jsonl", RECORDS[:8])
+    settings = ["--num-negatives", "2", "--range-min", "0", "--margin", "none", "--no-progress"]
+    assert mine_cli.main(["--input", str(run), *settings]) == 0
+    file_out = tmp_path / "file.jsonl"
+    assert mine_cli.main(["--input", str(run / "examples.jsonl"), "--out", str(file_out), *settings]) == 0
+    assert (run / "mined.jsonl").read_text() == file_out.read_text()  # written inside the run
+
+    # The sentence-transformers export's triplets: anchors embedded as written, "negative" folded into "negatives".
+    triplets = [{"anchor": f"Instruct: Answer it\nQuery: {r['query']}", "positive": r["positive"],
+                 "negative": "an existing negative"} for r in RECORDS[:8]]
+    write_jsonl(tmp_path / "triplets.jsonl", triplets)
+    model.encoded.clear()
+    assert mine_cli.main(["--input", str(tmp_path / "triplets.jsonl"), *settings]) == 0
+    assert model.encoded[0] == [t["anchor"] for t in triplets]
+    mined = [json.loads(line) for line in (tmp_path / "mined.jsonl").read_text().splitlines()]
+    rows = load_training_rows(tmp_path / "mined.jsonl", max_negatives=3)
+    for triplet, record, row in zip(triplets, mined, rows):
+        assert "negative" not in record and record["negatives"][-1] == "an existing negative"
+        assert len(record["mined_negative_scores"]) == 2 and row["negatives"] == record["negatives"]
+        assert row["anchor"] == triplet["anchor"] and row["positive"] == triplet["positive"]
+
+
+def test_mined_negatives_reach_training_with_default_settings(tmp_path, monkeypatch, embedder):
+    """mine, then train, both with their defaults: the one negative a row trains with (--max-negatives 1)
+    is its hardest mined negative, not the synthesized one mining kept."""
+    from speedx.embed import trainer
+    from speedx.train import main as train_main
+
+    monkeypatch.setattr(mining, "load_embedder", lambda name, device=None: embedder)
+    trained = []
+
+    def fake_train(rows, cfg, out):  # what matters is what reaches the trainer
+        trained.extend(rows)
+        return None, {"examples": len(rows), "steps": 1, "train_loss": 0.0, "train_seconds": 0.0}
+
+    monkeypatch.setattr(trainer, "train_embedder", fake_train)
+    write_jsonl(tmp_path / "examples.jsonl", [dict(r, negatives=["a synthesized negative"]) for r in RECORDS])
+    assert mine_cli.main(["--input", str(tmp_path / "examples.jsonl"), "--no-progress"]) == 0
+    mined = [json.loads(line) for line in (tmp_path / "mined.jsonl").read_text().splitlines()]
+    assert train_main(["--data", str(tmp_path / "mined.jsonl"), "--out", str(tmp_path / "model")]) == 0
+    assert len(trained) == len(mined) == len(RECORDS)
+    for row, record in zip(trained, mined):
+        assert record["mined_negative_scores"]  # every query got mined negatives
+        assert row["negatives"] == [record["negatives"][0]] != ["a synthesized negative"]
+        assert row["negatives"][0] in TOPIC_OF  # a corpus text: another query's positive

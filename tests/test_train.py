@@ -218,6 +218,39 @@ def test_an_encoder_stays_without_lora_under_any_pooling():
     assert model[1].pooling_mode == "lasttoken" and not use_lora
 
 
+def input_ids(model, text: str) -> list[int]:
+    """The token ids the model's first module feeds the network for one text."""
+    return model.preprocess([text])["input_ids"][0].tolist()
+
+
+def test_decoder_reads_plain_text_plus_eos_despite_a_chat_template(tmp_path, tiny_llama):
+    """The tiny tokenizer has a chat template; sentence-transformers would render inputs through it
+    (`<s>user: text\n`, no EOS), so last-token pooling would read the template's newline."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from speedx.embed.trainer import TrainConfig, load_model
+
+    path, _, tokenizer = tiny_llama
+    assert tokenizer.chat_template
+    text = "the quick brown fox"
+    expected = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    model, _ = load_model(TrainConfig(model=str(path), device="cpu"))  # a causal-LM directory
+    assert input_ids(model, text) == expected
+    assert tokenizer.decode(expected) == text + tokenizer.eos_token  # no chat markers
+
+    # A sentence-transformers directory with last-token pooling saved with the chat-template input
+    # (what an earlier speedx saved) is fed plain text too.
+    transformer = Transformer(str(path))
+    assert "message" in transformer.modality_config
+    st_dir = tmp_path / "st"
+    SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "lasttoken"),
+                                 Normalize()], device="cpu").save(str(st_dir))
+    model, _ = load_model(TrainConfig(model=str(st_dir), device="cpu"))
+    assert input_ids(model, text) == expected
+
+
 def test_decoder_last_token_pooling_with_lora_trains_merges_and_loads(tmp_path, tiny_llama):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -253,6 +286,9 @@ def test_decoder_last_token_pooling_with_lora_trains_merges_and_loads(tmp_path, 
     loaded = SentenceTransformer(str(saved), device="cpu", local_files_only=True)
     assert loaded[1].pooling_mode == "lasttoken"
     assert loaded[0].tokenizer("the fox")["input_ids"][-1] == tokenizer.eos_token_id
+    # The reloaded model is fed plain text + EOS as in training, not the tokenizer's chat template.
+    assert input_ids(loaded, "the fox") == input_ids(model, "the fox") == tokenizer("the fox")["input_ids"] + [
+        tokenizer.eos_token_id]
     texts = ["the quick brown fox", "a small robot"]
     assert torch.allclose(model.encode(texts, convert_to_tensor=True), loaded.encode(texts, convert_to_tensor=True),
                           atol=1e-5)
@@ -327,6 +363,39 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_out_refuses_a_foreign_directory_and_replaces_its_own_output(tmp_path, capsys, monkeypatch):
+    from speedx.embed import trainer
+
+    def fake_train(rows, cfg, out):  # what matters here is the directory, not the model
+        (out / "speedx_train.json").write_text("{}")
+        return None, {"examples": len(rows), "steps": 1, "train_loss": 0.0, "train_seconds": 0.0}
+
+    monkeypatch.setattr(trainer, "train_embedder", fake_train)
+    data = write_jsonl(tmp_path / "ok.jsonl", toy_examples()[:2])
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    (out / "config.json").write_text("{}")
+    argv = ["--data", data, "--out", str(out)]
+    assert main(argv) == 2  # a directory of the user's: left alone
+    assert capsys.readouterr().err.strip() == (f"error: --out {out} is not empty: pass --overwrite to replace it, "
+                                                "or choose another directory")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json"]
+
+    assert main(argv + ["--overwrite"]) == 0  # replaced: nothing of the old contents stays
+    assert sorted(p.name for p in out.iterdir()) == ["speedx_train.json"]
+
+    (out / "stale").mkdir()  # an earlier output of speedx.train (another model's files) is replaced as a whole
+    (out / "stale" / "tokenizer.json").write_text("{}")
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["speedx_train.json"]
+
+    inside = write_jsonl(out / "data.jsonl", toy_examples()[:2])  # never deletes what the run reads
+    assert main(["--data", inside, "--out", str(out), "--overwrite"]) == 2
+    assert f"would delete {inside}, which this run reads" in capsys.readouterr().err
+    assert (out / "data.jsonl").is_file()
 
 
 def test_cli_unknown_eval_task_fails_before_training(tmp_path, capsys, monkeypatch):

@@ -17,6 +17,7 @@ from speedx.synth.run_files import numbered_json_lines
 
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {query}"
 DEFAULT_MAX_NEGATIVES = 1  # E5 / SPEED train on one hard negative per query
+NEGATIVE_COLUMN = re.compile(r"negative(_\d+)?")  # sentence-transformers' negative, negative_1, ...
 
 
 class DataError(ValueError):
@@ -28,26 +29,40 @@ def format_query(query: str, instruction: str | None) -> str:
     return QUERY_TEMPLATE.format(instruction=instruction, query=query) if instruction else query
 
 
+def training_file(path: str | Path) -> Path:
+    """The JSONL file that a path names: the file itself, or a run directory's examples.jsonl."""
+    path = Path(path)
+    return path / "examples.jsonl" if path.is_dir() else path
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a JSONL file (or a run directory holding examples.jsonl) as written, each checked
+    as training reads it (parse_row). Raises DataError naming file:line for a bad row."""
+    return [record for record, _ in _read(path)]
+
+
 def load_training_rows(path: str | Path, max_negatives: int = DEFAULT_MAX_NEGATIVES) -> list[dict]:
     """Rows {"anchor", "positive", "negatives": [str, ...]} from a JSONL file (or a run directory holding
-    examples.jsonl), at most max_negatives negatives each. Raises DataError naming file:line for a bad row."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "examples.jsonl"
-    if not path.is_file():
-        raise DataError(f"no training data at {path}")
+    examples.jsonl), at most max_negatives negatives each (the first ones: mined negatives come first).
+    Raises DataError naming file:line for a bad row."""
     if max_negatives < 0:
         raise DataError(f"max_negatives must be >= 0, got {max_negatives}")
-    rows = []
+    return [{**row, "negatives": row["negatives"][:max_negatives]} for _, row in _read(path)]
+
+
+def _read(path: str | Path) -> list[tuple[dict, dict]]:
+    """(record, parse_row(record)) for every line of the file."""
+    path = training_file(path)
+    if not path.is_file():
+        raise DataError(f"no training data at {path}")
+    pairs = []
     for number, record in numbered_json_lines(path, error=DataError):
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        row = parse_row(record, f"{path}:{number}")
-        row["negatives"] = row["negatives"][:max_negatives]
-        rows.append(row)
-    if not rows:
+        pairs.append((record, parse_row(record, f"{path}:{number}")))
+    if not pairs:
         raise DataError(f"{path} holds no examples")
-    return rows
+    return pairs
 
 
 def parse_row(record: dict, where: str) -> dict:
@@ -66,7 +81,7 @@ def parse_row(record: dict, where: str) -> dict:
         if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
             raise DataError(f"{where}: field 'negatives' must be a list of non-empty strings")
     else:  # sentence-transformers columns: negative, or negative_1 .. negative_k in order
-        keys = sorted((k for k in record if re.fullmatch(r"negative(_\d+)?", k)),
+        keys = sorted((k for k in record if NEGATIVE_COLUMN.fullmatch(k)),
                       key=lambda k: int(k.rpartition("_")[2]) if "_" in k else 0)
         negatives = [_text(record, k, where) for k in keys]
     return {"anchor": anchor, "positive": _text(record, "positive", where), "negatives": list(negatives)}

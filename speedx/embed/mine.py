@@ -1,9 +1,11 @@
 """`python -m speedx.embed.mine`: add FAISS-mined hard negatives to embedding training data.
 
-Reads the examples.jsonl that `python -m speedx.generate` writes (one JSON object per line with at
-least "query" and "positive"), searches every query against a candidate corpus with an embedding
-model, and writes the records back with "negatives" = the existing negatives followed by the mined
-ones, and "mined_negative_scores" = the mined ones' cosine scores.
+Reads what `python -m speedx.train --data` reads: the examples.jsonl that `python -m speedx.generate`
+writes (or its run directory), mined output, or sentence-transformers anchor/positive[/negative] rows.
+It searches every query against a candidate corpus with an embedding model and writes the records back
+with "negatives" = the mined negatives, hardest first, followed by the existing ones, and
+"mined_negative_scores" = the mined ones' cosine scores. Training keeps the first --max-negatives of
+them (default 1): the hardest mined negative, or the existing one where mining found none.
 
 Negatives come from 0-based ranks [range-min, range-max) of each query's search results, never a
 positive of the query, its own text, or a candidate scoring above margin * the positive's score.
@@ -21,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from speedx.embed.data import parse_row
+from speedx.embed.data import read_records, training_file
 from speedx.embed.default_embedder import resolve_embedder
 from speedx.embed.mining import SAMPLING, check_settings
 from speedx.synth.run_files import numbered_json_lines
@@ -37,8 +39,9 @@ def margin_value(text: str) -> float | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m speedx.embed.mine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", default=DEFAULT_INPUT, help=f"examples JSONL to mine for (default: {DEFAULT_INPUT})")
-    p.add_argument("--out", default=None, help="mined JSONL to write (default: mined.jsonl beside --input)")
+    p.add_argument("--input", default=DEFAULT_INPUT, help="examples JSONL to mine for, any file speedx.train reads, "
+                   f"or a run directory (its examples.jsonl) (default: {DEFAULT_INPUT})")
+    p.add_argument("--out", default=None, help="mined JSONL to write (default: mined.jsonl beside the input file)")
     p.add_argument("--corpus", default=None, help="candidate documents: .jsonl (strings or objects with 'text') or "
                    "a text file with one document per line (default: the input's positives and negatives)")
     p.add_argument("--model", default="default", help="sentence-transformers model directory, or 'default' "
@@ -59,24 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-instruction-prefix", action="store_true", help="embed queries as they are instead of "
                    "'Instruct: {instruction}\\nQuery: {query}' for records with an instruction")
     p.add_argument("--drop-existing", action="store_true", help="replace the input's negatives instead of "
-                   "keeping them before the mined ones")
+                   "keeping them after the mined ones")
     p.add_argument("--no-progress", action="store_true", help="hide the embedding progress bars")
     return p
-
-
-def read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise ValueError(f"--input {path} does not exist: give the examples.jsonl written by python -m speedx.generate")
-    records = []
-    for number, record in numbered_json_lines(path):
-        if not isinstance(record, dict) or not all(isinstance(record.get(f), str) and record[f].strip()
-                                                   for f in ("query", "positive")):
-            raise ValueError(f"{path}:{number}: each line needs non-empty string fields 'query' and 'positive'")
-        parse_row(record, f"{path}:{number}")  # what train would refuse (negatives, instruction) is refused now
-        records.append(record)
-    if not records:
-        raise ValueError(f"--input {path} holds no records")
-    return records
 
 
 def read_corpus(path: Path) -> list[str]:
@@ -103,7 +91,11 @@ def check_arguments(args) -> dict:
     check_settings(args.num_negatives, args.range_min, args.range_max, args.margin, args.sampling)
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    records = read_records(Path(args.input))
+    if not Path(args.input).exists():
+        raise ValueError(f"--input {args.input} does not exist: give the examples.jsonl written by "
+                         "python -m speedx.generate, or its run directory")
+    source = training_file(args.input)
+    records = read_records(source)
     corpus = read_corpus(Path(args.corpus)) if args.corpus else None
     if corpus is not None and not any(t.strip() for t in corpus):
         raise ValueError(f"--corpus {args.corpus} holds no documents")
@@ -119,8 +111,8 @@ def check_arguments(args) -> dict:
     if args.device and args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but no CUDA device is available: use --device cpu")
-    out = Path(args.out) if args.out else Path(args.input).with_name("mined.jsonl")
-    if out.resolve() == Path(args.input).resolve():
+    out = Path(args.out) if args.out else source.with_name("mined.jsonl")
+    if out.resolve() == source.resolve():
         raise ValueError(f"--out {out} would overwrite --input: pass another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,26 +16,28 @@ from collections.abc import Iterable, Sequence
 import faiss
 import numpy as np
 
+from speedx.embed.data import NEGATIVE_COLUMN, format_query, parse_row
+
 GPU_MAX_K = 2048  # FAISS GPU search returns at most 2048 neighbours per query
 SAMPLING = ("top", "random")
 
 
 def query_text(record: dict, instruction_prefix: bool = True) -> str:
     """The text embedded for a record's query: E5/SPEED style `Instruct: ...\\nQuery: ...` when the
-    record has an instruction (queries only; documents are embedded plain)."""
-    instruction = record.get("instruction")
-    if instruction_prefix and instruction:
-        return f"Instruct: {instruction}\nQuery: {record['query']}"
-    return record["query"]
+    record has an instruction (queries only; documents are embedded plain). A sentence-transformers
+    "anchor" is taken as written, as training takes it (it already carries its prefix)."""
+    if "anchor" in record:
+        return record["anchor"]
+    return format_query(record["query"], record.get("instruction") if instruction_prefix else None)
 
 
 def build_corpus(records: Iterable[dict]) -> list[str]:
     """The default candidate corpus: every positive and existing negative of the records, each text
     once, in first-seen order (so ids are stable across runs)."""
     texts: dict[str, None] = {}
-    for record in records:
-        texts[record["positive"]] = None
-        texts.update(dict.fromkeys(record.get("negatives") or []))
+    for row in validate_records(records):
+        texts[row["positive"]] = None
+        texts.update(dict.fromkeys(row["negatives"]))
     return list(texts)
 
 
@@ -134,16 +136,15 @@ def search(index, queries: np.ndarray, k: int, batch_size: int = 4096) -> tuple[
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def validate_records(records: Sequence[dict]) -> None:
+def validate_records(records: Iterable[dict]) -> list[dict]:
+    """Each record as training reads it ({"anchor", "positive", "negatives"}, speedx.embed.data.parse_row):
+    any layout training takes is mined; a ValueError names the record training would refuse."""
+    rows = []
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise ValueError(f"record {i} is not an object")
-        for field in ("query", "positive"):
-            if not isinstance(record.get(field), str) or not record[field].strip():
-                raise ValueError(f"record {i} needs a non-empty string {field!r}")
-        negatives = record.get("negatives")
-        if negatives is not None and not (isinstance(negatives, list) and all(isinstance(n, str) for n in negatives)):
-            raise ValueError(f"record {i}: 'negatives' must be a list of strings")
+        rows.append(parse_row(record, f"record {i}"))
+    return rows
 
 
 def mine_hard_negatives(
@@ -163,7 +164,8 @@ def mine_hard_negatives(
     search_batch_size: int = 4096,
     show_progress_bar: bool = False,
 ) -> list[dict]:
-    """Mine hard negatives for records with at least "query" and "positive" (e.g. examples.jsonl).
+    """Mine hard negatives for records with "query" (or a sentence-transformers "anchor") and "positive",
+    any layout `python -m speedx.train` reads (e.g. examples.jsonl).
 
     model: a SentenceTransformer, 'default' (bundled all-MiniLM-L6-v2) or a local model directory.
     corpus: candidate documents; default: all positives and existing negatives of the records.
@@ -176,14 +178,17 @@ def mine_hard_negatives(
     as in sentence-transformers' `mine_hard_negatives` with relative_margin = 1 - margin.
     sampling: "top" (the best-ranked allowed) or "random" (seeded by `seed`: same inputs, same output).
 
-    Returns a copy of each record with "negatives" = its existing negatives first (when
-    keep_existing, the default; otherwise none) followed by the mined ones, and
-    "mined_negative_scores" = the cosine scores of the mined ones. A record may get fewer than
+    Returns a copy of each record with "negatives" = the mined ones, hardest first, followed by its
+    existing negatives (when keep_existing, the default; otherwise none), and "mined_negative_scores" =
+    the cosine scores of the mined ones (the first len(scores) negatives). Mined come first because
+    training keeps the first --max-negatives (default 1): by default it trains on the hardest mined
+    negative, and on the existing one only where mining found none. A record's sentence-transformers
+    negative / negative_k columns are folded into "negatives". A record may get fewer than
     num_negatives mined negatives when its window holds too few allowed candidates.
     """
     check_settings(num_negatives, range_min, range_max, margin, sampling)
     records = list(records)
-    validate_records(records)
+    parsed_rows = validate_records(records)
     corpus = list(dict.fromkeys(build_corpus(records) if corpus is None else corpus))
     if not corpus:
         raise ValueError("the candidate corpus is empty: give records with positives or a non-empty corpus")
@@ -217,20 +222,20 @@ def mine_hard_negatives(
 
     rows = np.array([query_row[q] for q in queries], dtype=np.int64)
     exclude = []
-    for record, row in zip(records, rows):
+    for record, parsed, row in zip(records, parsed_rows, rows):
         banned = set(positives[row])
-        if record["query"] in doc_id:
-            banned.add(doc_id[record["query"]])
-        if keep_existing:
-            banned.update(doc_id[t] for t in record.get("negatives") or [] if t in doc_id)
+        own = [record.get("query"), record.get("anchor")]  # the query's own text, as written
+        existing = parsed["negatives"] if keep_existing else []
+        banned.update(doc_id[t] for t in own + existing if t in doc_id)
         exclude.append(banned)
     picked = select_negatives(scores[rows], ids[rows], positive_scores[rows], exclude, num_negatives=num_negatives,
                               range_min=range_min, range_max=range_max, margin=margin, sampling=sampling,
                               rng=np.random.default_rng(seed))
 
     mined = []
-    for record, (neg_ids, neg_scores) in zip(records, picked):
-        existing = list(record.get("negatives") or []) if keep_existing else []
-        mined.append({**record, "negatives": existing + [corpus[i] for i in neg_ids],
+    for record, parsed, (neg_ids, neg_scores) in zip(records, parsed_rows, picked):
+        kept = {k: v for k, v in record.items() if not NEGATIVE_COLUMN.fullmatch(k)}  # now in "negatives"
+        existing = parsed["negatives"] if keep_existing else []
+        mined.append({**kept, "negatives": [corpus[i] for i in neg_ids] + existing,
                       "mined_negative_scores": [round(float(s), 6) for s in neg_scores]})
     return mined

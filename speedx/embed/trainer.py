@@ -2,9 +2,10 @@
 
 Encoders (BERT-like, e.g. the default all-MiniLM-L6-v2) train in full with their own pooling (mean).
 Decoder LLMs (a causal-LM directory) become Transformer + last-token (EOS) pooling + Normalize, with an
-EOS appended to every input and LoRA adapters on all linear layers (the E5-mistral recipe); the adapters
-are merged before saving, so the result is a plain sentence-transformers directory that
-`SentenceTransformer(path)` loads offline, with no peft and no base checkpoint needed.
+EOS appended to every input (plain text, never rendered through a chat template) and LoRA adapters on all
+linear layers (the E5-mistral recipe); the adapters are merged before saving, so the result is a plain
+sentence-transformers directory that `SentenceTransformer(path)` loads offline, with no peft and no
+base checkpoint needed.
 The sentence-transformers trainer runs the loop: bf16 autocast on CUDA, fp32 on CPU, DDP under torchrun
 or accelerate (then every process scores its queries against the documents of all processes).
 """
@@ -124,11 +125,21 @@ def load_model(cfg: TrainConfig):
     if cfg.max_length is not None:
         model.max_seq_length = cfg.max_length
     if pool is not None and pool.pooling_mode == "lasttoken":
+        plain_text_input(model[0])
         append_eos(model[0].tokenizer)
     use_lora = cfg.lora if cfg.lora is not None else decoder
     if use_lora:
         add_lora(model, cfg)
     return model, use_lora
+
+
+def plain_text_input(transformer) -> None:
+    """Feed the model the text itself. When the tokenizer has a chat template, sentence-transformers adds a
+    "message" modality and renders every input through the template (`<role>: text ...`, no EOS), so
+    last-token pooling would not read the text's EOS. Without it, inputs are tokenized as text + EOS. The
+    modality config is saved with the model, so SentenceTransformer(path) keeps feeding plain text."""
+    transformer.modality_config = {k: v for k, v in transformer.modality_config.items() if k != "message"}
+    transformer.input_formatter.supported_modalities = list(transformer.modality_config)
 
 
 def append_eos(tokenizer) -> None:
