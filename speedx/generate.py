@@ -8,16 +8,18 @@ resumes a killed run; `--shard i/n` splits the work; `python -m speedx.generate 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
 from speedx.synth.families import DEFAULT_MIX, parse_families, parse_mix
 
 EXIT_BAD_INPUT = 2
-# Settings that must match for a re-run to resume a run directory (num_examples may grow).
+# Settings that must match for a re-run to resume a run directory (num_examples may grow). The
+# dtypes change the logits and so the sampled text; manifests from before they were recorded lack them.
 RESUME_KEYS = ("model", "lora", "families", "mix", "seed", "temperature", "top_p", "max_tokens", "tasks", "topics",
-               "num_topics", "revisor", "revisor_lora", "json_mode", "shard")
+               "num_topics", "revisor", "revisor_lora", "json_mode", "shard", "dtype", "kv_cache_dtype")
+PATH_KEYS = ("model", "lora", "tasks", "topics", "revisor", "revisor_lora")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +72,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def check_arguments(args) -> dict:
     """Everything that can be wrong with the arguments, checked before anything is written."""
-    from speedx.synth.run_files import ensure_writable_dir
-    from speedx.synth.tasks import load_tasks_file, load_topics
+    from speedx.synth.run_files import ensure_writable_dir, lock_run_dir, read_manifest
+    from speedx.synth.tasks import load_saved_tasks, load_tasks_file, load_topics
 
     families = parse_families(args.families)
     weights = parse_mix(args.mix, families)
@@ -108,15 +110,34 @@ def check_arguments(args) -> dict:
     out = Path(args.out)
     ensure_writable_dir(out)
     config = {key: getattr(args, key) for key in RESUME_KEYS}
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        previous = json.loads(manifest.read_text()).get("config", {})
-        changed = [k for k in RESUME_KEYS if k in previous and previous[k] != config[k]]
+    lock = lock_run_dir(out)  # before reading the run's files: no other process may change them now
+    try:
+        previous = read_manifest(out / "manifest.json").get("config", {})
+        # a key the manifest lacks was not recorded by the version that made it: not a change
+        changed = [k for k in RESUME_KEYS if k in previous and not same_setting(k, previous[k], config[k])]
         if changed:
-            raise ValueError(f"--out {out} holds a run with different {', '.join(changed)}; "
+            was = "; ".join(f"--{k.replace('_', '-')} {previous[k]} in the run, {config[k]} in this command"
+                            for k in changed)
+            raise ValueError(f"--out {out} holds a run made with other settings ({was}): "
                              "use the same arguments to resume, or a new --out")
+        saved_tasks = load_saved_tasks(out / "tasks.jsonl", families)
+    except BaseException:
+        lock.close()
+        raise
     return {"families": families, "weights": weights, "shard": shard, "tasks": tasks, "topics": topics,
-            "out": out, "config": config}
+            "out": out, "config": config, "saved_tasks": saved_tasks, "lock": lock}
+
+
+def same_setting(key: str, old, new) -> bool:
+    """Equal values, or one file named by a relative and an absolute path."""
+    if old == new:
+        return True
+    if key not in PATH_KEYS or not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    try:
+        return os.path.samefile(old, new)
+    except OSError:  # either one is missing (or 'default')
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # what was written is kept: every finished request is one fsynced line
         print(f"\ninterrupted: re-run the same command to resume the run in {checked['out']}", file=sys.stderr)
         return 130
+    finally:
+        checked["lock"].close()
 
 
 if __name__ == "__main__":

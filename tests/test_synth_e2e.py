@@ -39,7 +39,7 @@ def read(path: Path, written_so_far: bool = False) -> list[dict]:
     text = path.read_text() if path.exists() else ""
     if written_so_far:
         text = text[: text.rfind("\n") + 1]
-    return [json.loads(line) for line in text.splitlines()]
+    return [json.loads(line) for line in text.split("\n") if line]  # not splitlines(): U+2028 may be in a string
 
 
 def check_run(out: Path, expected: int) -> list[dict]:
@@ -98,7 +98,9 @@ def test_ctrl_c_stops_with_one_line_that_says_how_to_resume(tmp_path, tasks_file
         stderr.seek(0)
         err = stderr.read()
     assert "Traceback" not in err and f"interrupted: re-run the same command to resume the run in {out}" in err
-    assert json.loads((out / "manifest.json").read_text())["examples"] == len(read(out / "examples.jsonl"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["examples"] == len(read(out / "examples.jsonl"))
+    assert manifest["status"] == "interrupted"  # not "incomplete": merge must not take it as finished
 
 
 def test_shards_merged_equal_one_run(tmp_path, tasks_file):
@@ -155,7 +157,7 @@ def test_resume_refuses_changed_arguments(tmp_path, tasks_file, capsys):
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"config": {"seed": 1}}))
     assert generate_main(["--tasks", str(tasks_file), "--out", str(out), "--seed", "2", *COMMON]) == 2
-    assert "holds a run with different seed" in capsys.readouterr().err
+    assert "holds a run made with other settings (--seed 1 in the run, 2 in this command)" in capsys.readouterr().err
 
 
 def test_default_command_small(tmp_path, monkeypatch):
@@ -192,7 +194,8 @@ def test_a_run_that_failed_after_writing_its_tasks_resumes_only_with_its_setting
     other = tmp_path / "other-tasks.jsonl"
     other.write_text(json.dumps({"task": "Sentences about trains.", "family": "sts"}) + "\n")
     assert generate_main(["--tasks", str(other), "--num-examples", "2", "--out", str(out), *COMMON]) == 2
-    assert "holds a run with different tasks" in capsys.readouterr().err
+    assert f"holds a run made with other settings (--tasks {tasks_file} in the run, {other} in this command)" \
+        in capsys.readouterr().err
 
 
 def test_rejected_schema_exits_2_before_writing(tmp_path, tasks_file, monkeypatch, capsys):
@@ -203,7 +206,7 @@ def test_rejected_schema_exits_2_before_writing(tmp_path, tasks_file, monkeypatc
     out = tmp_path / "run"
     assert generate_main(["--tasks", str(tasks_file), "--out", str(out), *COMMON]) == 2
     assert "grammar compiler rejected the sts schema" in capsys.readouterr().err
-    assert not any(p.name != ".write-test" for p in out.iterdir())
+    assert [p.name for p in out.iterdir()] == [".lock"]  # the run directory's lock, and nothing else
 
 
 def test_revisor_pass(tmp_path, tasks_file):

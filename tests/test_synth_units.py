@@ -3,16 +3,44 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+import speedx
+from speedx.generate import build_parser, check_arguments
 from speedx.generate import main as generate_main
 from speedx.synth.families import FAMILIES, parse_families, parse_mix
 from speedx.synth.prompts import generation_messages, guideline_bullets
-from speedx.synth.run_files import JsonlAppender, read_jsonl
-from speedx.synth.tasks import load_tasks_file, truncate_topic
+from speedx.synth.run_files import JsonlAppender, lock_run_dir, read_jsonl
+from speedx.synth.tasks import Task, load_tasks_file, truncate_topic
 from speedx.synth.validate import validate_example
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The commands under test must stop before they load a model."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command went on to load a model")
+
+    monkeypatch.setattr(speedx, "LLM", refuse)
+
+
+class FakeLLM:
+    """Enough of an LLM for run_generate with --json-mode repair and a tasks file, when the
+    synthesis itself is patched out."""
+
+    device = "cpu"
+
+    def __init__(self, *args, **kwargs):
+        pass
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -126,6 +154,27 @@ def test_tasks_file_formats_and_errors(tmp_path):
     path.write_text('{"task": "only sts", "family": "sts"}\n')
     with pytest.raises(ValueError, match=r"no task for families \['retrieval'\]"):
         load_tasks_file(str(path), fams)
+    path.write_text('{"task": "ok", "family": "sts"}\n{"task": "ok", "family": ["sts"]}\n')
+    with pytest.raises(ValueError, match=r'tasks.txt:2: "family" must be one family name'):
+        load_tasks_file(str(path), fams)
+    path.write_text('{"task": "ok", "topic": {"a": 1}}\n')
+    with pytest.raises(ValueError, match=r'tasks.txt:1: "topic" must be a string'):
+        load_tasks_file(str(path), fams)
+
+
+def test_line_separators_inside_json_strings_stay_in_the_record(tmp_path):
+    """json.dumps(ensure_ascii=False) writes these raw; only "\n" ends a JSONL record."""
+    text = "a\u2028b\u2029c\x85d\x1ce\x1df\x1eg\vh\fi\rj"
+    path = tmp_path / "x.jsonl"
+    writer = JsonlAppender(path)
+    writer.write({"id": 1, "text": text})
+    writer.write({"id": 2, "text": "plain"})
+    writer.close()
+    assert list(read_jsonl(path, repair=True)) == [{"id": 1, "text": text}, {"id": 2, "text": "plain"}]
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_bytes(json.dumps({"task": f"Find {text}.", "family": "sts"}, ensure_ascii=False).encode() + b"\r\n"
+                      + b"A plain task.\r\n")
+    assert [t.task for t in load_tasks_file(str(tasks), parse_families("sts"))] == [f"Find {text}.", "A plain task."]
 
 
 def test_torn_last_line_is_cut_on_resume(tmp_path):
@@ -146,6 +195,9 @@ def test_torn_last_line_is_cut_on_resume(tmp_path):
         (["--families", "retrieval,poetry"], "unknown families"),
         (["--mix", "1:2:3"], "bad --mix"),
         (["--mix", "retrieval=1,,sts=1"], "write name=weight pairs"),
+        (["--mix", "retrieval=inf"], "weights must be finite numbers >= 0"),
+        (["--mix", "nan:1:1:1"], "weights must be finite numbers >= 0"),
+        (["--families", "sts,retrieval", "--mix", "sts=1,retrieval=nan"], "weights must be finite numbers >= 0"),
         (["--topics", "{tmp}/latin1.txt"], "latin1.txt is not UTF-8 text"),
         (["--shard", "3/2"], "bad --shard"),
         (["--num-examples", "0"], "--num-examples must be >= 1"),
@@ -156,7 +208,7 @@ def test_torn_last_line_is_cut_on_resume(tmp_path):
         (["--revisor", "/no/such/revisor"], "--revisor: "),
     ],
 )
-def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, no_model, args, message):
     (tmp_path / "latin1.txt").write_bytes("Caf\u00e9s > Espresso\n".encode("latin-1"))
     out = tmp_path / "run"
     assert generate_main([a.format(tmp=tmp_path) for a in args] + ["--out", str(out)]) == 2
@@ -176,3 +228,179 @@ def test_cli_unwritable_out_dir(tmp_path, capsys):
     blocker.write_text("not a directory")
     assert generate_main(["--out", str(blocker / "run")]) == 2
     assert "cannot write to --out" in capsys.readouterr().err
+
+
+def sts_tasks(tmp_path):
+    path = tmp_path / "my-tasks.jsonl"
+    path.write_text(json.dumps({"task": "Sentences about city parks.", "family": "sts"}) + "\n")
+    return path
+
+
+def check(argv: list[str]) -> dict:
+    """check_arguments of a command line, its lock on --out let go."""
+    checked = check_arguments(build_parser().parse_args(argv))
+    checked["lock"].close()
+    return checked
+
+
+def test_tasks_file_is_written_at_once(tmp_path, monkeypatch):
+    """A kill while tasks.jsonl is written must leave no tasks.jsonl, not a short one."""
+    from speedx.synth import cli_run
+
+    written = []
+
+    def to_json_then_die(task):
+        if written:
+            raise KeyboardInterrupt
+        written.append(task)
+        return {"id": task.id, "family": task.family, "task": task.task, "topic": None, "source": "file"}
+
+    monkeypatch.setattr(Task, "to_json", to_json_then_die)
+    tasks = [Task("t0", "sts", "Parks."), Task("t1", "sts", "Trains.")]
+    checked = {"out": tmp_path, "saved_tasks": [], "tasks": tasks, "families": parse_families("sts")}
+    with pytest.raises(KeyboardInterrupt):
+        cli_run.load_or_make_tasks(SimpleNamespace(tasks="my-tasks.jsonl"), checked, llm=None)
+    assert not (tmp_path / "tasks.jsonl").exists()
+
+
+@pytest.mark.parametrize("saved, message", [
+    ('{"id": "t0", "family": "sts", "task": "Parks.", "topic": null, "source": "file"}\n{"id": "t1", "fam',
+     "tasks.jsonl is cut off in its last line"),
+    ('{"id": "t0", "family": "sts", "task": "Parks.", "topic": null, "source": "file"}\n',
+     r"tasks.jsonl has no task for families \['retrieval'\]"),
+    ('{"id": "t0", "family": ["sts"], "task": "Parks."}\n', "tasks.jsonl:1: not a task record"),
+    ('{"id": "t0"\n', "tasks.jsonl:1: not valid JSON"),
+])
+def test_resume_refuses_a_damaged_tasks_file(tmp_path, capsys, no_model, saved, message):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tasks.jsonl").write_text(saved)
+    assert generate_main(["--families", "sts,retrieval", "--json-mode", "repair", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "delete it to make the tasks again" in err
+
+
+def test_a_stopped_run_is_not_finished_and_merge_refuses_it(tmp_path, monkeypatch, capsys):
+    from speedx.synth.pipeline import SynthesisRun
+
+    def stop(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(speedx, "LLM", FakeLLM)
+    monkeypatch.setattr(SynthesisRun, "run", stop)
+    command = ["--tasks", str(sts_tasks(tmp_path)), "--families", "sts", "--json-mode", "repair", "--no-progress",
+               "--num-examples", "2"]
+    shard0, shard1 = tmp_path / "s0", tmp_path / "s1"
+    assert generate_main([*command, "--shard", "0/2", "--out", str(shard0)]) == 130
+    assert json.loads((shard0 / "manifest.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(SynthesisRun, "run", lambda self: None)  # shard 1 finishes (with no example)
+    assert generate_main([*command, "--shard", "1/2", "--out", str(shard1)]) == 0
+    assert json.loads((shard1 / "manifest.json").read_text())["status"] == "incomplete"
+    capsys.readouterr()
+    assert generate_main(["merge", str(shard0), str(shard1), "--out", str(tmp_path / "merged")]) == 2
+    assert f"{shard0} is not finished (status interrupted in its manifest.json): resume it" in capsys.readouterr().err
+
+    def crash(self):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(SynthesisRun, "run", crash)
+    with pytest.raises(RuntimeError):
+        generate_main([*command, "--shard", "0/2", "--out", str(shard0)])
+    assert json.loads((shard0 / "manifest.json").read_text())["status"] == "failed"
+
+
+def fake_shard(path, index: int, status: str = "complete", **config) -> None:
+    """A finished shard of 2, with one example, as a run writes it."""
+    path.mkdir()
+    record = {"id": f"s{index}-a0", "slot": index, "family": "sts", "task_id": "t0", "task": "Parks.",
+              "query": f"shard {index} query about {['parks', 'trains'][index]}", "positive": f"answer {index}",
+              "negatives": ["other"], "instruction": "Retrieve semantically similar text.", "raw": {}, "output_tokens": 5}
+    (path / "examples.jsonl").write_text(json.dumps(record) + "\n")
+    (path / "tasks.jsonl").write_text(json.dumps({"id": "t0", "family": "sts", "task": "Parks."}) + "\n")
+    manifest = {"config": {"seed": 0, "shard": f"{index}/2", **config}, "status": status, "wall_seconds": 1.0}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_merge_refuses_unfinished_shards_and_accepts_older_manifests(tmp_path, capsys):
+    fake_shard(tmp_path / "s0", 0, dtype="auto", kv_cache_dtype="auto")
+    fake_shard(tmp_path / "s1", 1, status="running")
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2" / "manifest.json").write_text('{"config": {"seed": 0')
+
+    def merge_with(other: str) -> int:
+        return generate_main(["merge", str(tmp_path / "s0"), str(tmp_path / other), "--out", str(tmp_path / "merged")])
+
+    assert merge_with("s1") == 2
+    assert "s1 is not finished (status running in its manifest.json): resume it" in capsys.readouterr().err
+    assert merge_with("s2") == 2
+    assert "s2/manifest.json is damaged (not valid JSON" in capsys.readouterr().err
+    # A shard from a version that did not record the dtypes still merges.
+    fake_shard(tmp_path / "old", 1)
+    assert merge_with("old") == 0
+    assert len(list(read_jsonl(tmp_path / "merged" / "examples.jsonl"))) == 2
+
+
+def test_a_second_process_cannot_write_to_a_locked_run(tmp_path, capsys, no_model):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = lock_run_dir(out)  # flock locks are per open file: the command's own open conflicts
+    try:
+        assert generate_main(["--out", str(out)]) == 2
+        assert f"another speedx.generate is writing to {out} (pid {os.getpid()})" in capsys.readouterr().err
+        fake_shard(tmp_path / "s0", 0)
+        fake_shard(tmp_path / "s1", 1)
+        assert generate_main(["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(out)]) == 2
+        assert f"another speedx.generate is writing to {out} (pid {os.getpid()})" in capsys.readouterr().err
+    finally:
+        holder.close()
+    check(["--out", str(out)])  # free again
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    code = ("import sys, time; from pathlib import Path; from speedx.synth.run_files import lock_run_dir; "
+            "lock = lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "locked\n"
+        with pytest.raises(ValueError, match=f"another speedx.generate is writing to .* \\(pid {proc.pid}\\)"):
+            lock_run_dir(tmp_path)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    lock_run_dir(tmp_path).close()
+
+
+def resumable_run(tmp_path, config: dict | None = None) -> tuple[Path, list[str]]:
+    """A run directory whose manifest holds `config` (else nothing), and the command that resumes it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    if config is not None:
+        (out / "manifest.json").write_text(json.dumps({"config": config}))
+    return out, ["--tasks", str(sts_tasks(tmp_path)), "--families", "sts", "--out", str(out)]
+
+
+def test_damaged_manifest_is_named(tmp_path, capsys, no_model):
+    out, command = resumable_run(tmp_path)
+    (out / "manifest.json").write_text('{"config": {"seed": 0, "tasks": "my-tas')
+    assert generate_main(command) == 2
+    assert f"{out / 'manifest.json'} is damaged (not valid JSON" in capsys.readouterr().err
+
+
+def test_tasks_file_named_relative_or_absolute_is_one_setting(tmp_path, monkeypatch, capsys, no_model):
+    monkeypatch.chdir(tmp_path)
+    out, command = resumable_run(tmp_path, {"seed": 0, "tasks": "my-tasks.jsonl"})
+    check(command)  # command names it by its absolute path
+    other = tmp_path / "other.jsonl"
+    other.write_text((tmp_path / "my-tasks.jsonl").read_text())
+    assert generate_main([command[0], str(other), *command[2:]]) == 2  # the same text in another file is not
+    assert f"--tasks my-tasks.jsonl in the run, {other} in this command" in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_dtypes_unless_not_recorded(tmp_path, capsys, no_model):
+    out, command = resumable_run(tmp_path, {"seed": 0, "dtype": "float32", "kv_cache_dtype": "auto"})
+    check([*command, "--dtype", "float32"])
+    assert generate_main([*command, "--dtype", "bfloat16", "--kv-cache-dtype", "fp8"]) == 2
+    assert ("holds a run made with other settings (--dtype float32 in the run, bfloat16 in this command; "
+            "--kv-cache-dtype auto in the run, fp8 in this command)") in capsys.readouterr().err
+    (out / "manifest.json").write_text(json.dumps({"config": {"seed": 0}}))  # from before the dtypes were recorded
+    check([*command, "--dtype", "bfloat16", "--kv-cache-dtype", "fp8"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 from speedx.synth.pipeline import Planner, RunState, SynthesisRun, summarize
 from speedx.synth.records import export_sentence_transformers
 from speedx.synth.report import Progress, cost_report, print_summary
-from speedx.synth.run_files import JsonlAppender, atomic_write_json, read_jsonl
+from speedx.synth.run_files import atomic_write_json, atomic_write_jsonl, read_jsonl, read_manifest
 from speedx.synth.tasks import Task, brainstorm_tasks
 
 WALL_TIME_EVERY_SECONDS = 2.0  # how often a running synthesis records its wall time in manifest.json
@@ -30,11 +29,8 @@ def shard_slots(num_examples: int, shard: tuple[int, int]) -> list[int]:
 
 
 def load_or_make_tasks(args, checked, llm) -> tuple[list[Task], dict]:
-    out: Path = checked["out"]
-    path = out / "tasks.jsonl"
-    saved = [Task(**record) for record in read_jsonl(path, repair=True)]
-    if saved:
-        return saved, {"source": "resumed"}
+    if checked["saved_tasks"]:  # read and checked with the arguments
+        return checked["saved_tasks"], {"source": "resumed"}
     if checked["tasks"] is not None:
         tasks, stats = checked["tasks"], {"source": "file", "file": args.tasks}
     else:
@@ -51,10 +47,8 @@ def load_or_make_tasks(args, checked, llm) -> tuple[list[Task], dict]:
                 for text in FAMILIES[name].example_tasks:
                     tasks.append(Task(f"x{len(tasks)}", name, text, None, "builtin"))
             stats["fallback_families"] = sorted(missing)
-    writer = JsonlAppender(path)
-    for task in tasks:
-        writer.write(task.to_json())
-    writer.close()
+    # At once or not at all: a resume plans every request from this file, so it must never be partial.
+    atomic_write_jsonl(checked["out"] / "tasks.jsonl", [task.to_json() for task in tasks])
     return tasks, stats
 
 
@@ -79,7 +73,7 @@ def run_generate(args, checked) -> int:
 
     out: Path = checked["out"]
     manifest_path = out / "manifest.json"
-    previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    previous = read_manifest(manifest_path)
     llm = LLM(args.model, dtype=args.dtype, seed=args.seed, kv_cache_memory=args.kv_cache_memory,
               kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, lora=args.lora)
     if args.json_mode == "constrained":
@@ -123,14 +117,21 @@ def run_generate(args, checked) -> int:
                        args.max_attempts, args.model, revisor, progress, on_step=record_wall_time)
     if progress:
         progress.start(len(run.state.filled))
+    stopped = None  # "interrupted" / "failed": merge must not take such a run as finished
     try:
         run.run()
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+        raise
+    except BaseException:
+        stopped = "failed"
+        raise
     finally:
         if progress:
             progress.close()
         summary = summarize(RunState.load(out))
         manifest.update(summary)
-        manifest["status"] = "complete" if summary["examples"] >= len(slots) else "incomplete"
+        manifest["status"] = stopped or ("complete" if summary["examples"] >= len(slots) else "incomplete")
         record_wall_time(final=True)
         manifest["cost"] = cost_report(summary, manifest["wall_seconds"], args, llm.device, manifest["tasks"])
         atomic_write_json(manifest_path, manifest)

@@ -3,6 +3,7 @@ it maps to a (query, positive, negatives) training record. Wording is ours (see 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -302,6 +303,7 @@ def parse_mix(text: str, families: list[Family]) -> dict[str, float]:
     except ValueError as exc:
         raise ValueError(f"bad --mix {text!r}: {exc}") from exc
     weights = {name: weights.get(name, 0.0) for name in names}
-    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise ValueError(f"bad --mix {text!r}: weights must be >= 0 and not all zero for {names}")
+    # float() takes "nan" and "inf": a nan weight would drop its family silently, inf break sampling
+    if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or not 0 < sum(weights.values()) < math.inf:
+        raise ValueError(f"bad --mix {text!r}: weights must be finite numbers >= 0, not all zero, for {names}")
     return weights

@@ -10,7 +10,8 @@ from pathlib import Path
 from speedx.synth.dedup import Deduplicator
 from speedx.synth.pipeline import RunState, summarize
 from speedx.synth.records import dedup_text, export_sentence_transformers
-from speedx.synth.run_files import atomic_write_json, read_jsonl
+from speedx.synth.run_files import (LOCK_FILE, atomic_write_json, ensure_writable_dir, lock_run_dir, read_jsonl,
+                                   read_manifest)
 
 
 TOKEN_KEYS = ("prompt_tokens", "cached_tokens", "output_tokens", "revisor_prompt_tokens", "revisor_output_tokens")
@@ -25,17 +26,22 @@ def check_shards(shards: list[Path]) -> list[dict]:
     for shard in shards:
         if not (shard / "manifest.json").is_file():
             raise ValueError(f"{shard} is not a run directory (no manifest.json)")
-        manifest = json.loads((shard / "manifest.json").read_text())
-        if manifest.get("status") not in ("complete", "incomplete"):
-            raise ValueError(f"{shard} is still running, or was stopped: resume it (same command) before merging")
+        manifest = read_manifest(shard / "manifest.json")
+        # "incomplete" is a run that ended with slots out of --max-attempts; "running" (or none) is one
+        # that is still going or was killed, "interrupted" one stopped by Ctrl-C, "failed" one that crashed.
+        status = manifest.get("status")
+        if status not in ("complete", "incomplete"):
+            raise ValueError(f"{shard} is not finished (status {status or 'missing'} in its manifest.json): "
+                             "resume it (re-run its command) before merging")
         manifests.append(manifest)
-    configs = [{k: v for k, v in m["config"].items() if k != "shard"} for m in manifests]
+    configs = [{k: v for k, v in m.get("config", {}).items() if k != "shard"} for m in manifests]
     for shard, config in zip(shards[1:], configs[1:]):
-        changed = sorted(k for k in config.keys() | configs[0].keys() if config.get(k) != configs[0].get(k))
+        # a key one manifest lacks was not recorded by an older version: not a difference
+        changed = sorted(k for k in config.keys() & configs[0].keys() if config[k] != configs[0][k])
         if changed:
             raise ValueError(f"{shard} was made with other settings than {shards[0]} ({', '.join(changed)}): "
                              "merge the shards of one run")
-    shard_ids = [m["config"].get("shard") for m in manifests]
+    shard_ids = [m.get("config", {}).get("shard") for m in manifests]
     if len(set(shard_ids)) < len(shard_ids):
         raise ValueError(f"two directories hold the same --shard ({', '.join(map(str, shard_ids))})")
     return manifests
@@ -43,8 +49,20 @@ def check_shards(shards: list[Path]) -> list[dict]:
 
 def merge_runs(shards: list[Path], out: Path) -> dict:
     manifests = check_shards(shards)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} is not an empty directory; merge into a new one")
+    not_empty = f"--out {out} is not an empty directory; merge into a new one"
+    if out.exists() and not out.is_dir():
+        raise ValueError(not_empty)
+    ensure_writable_dir(out)
+    lock = lock_run_dir(out)  # a second merge into `out` at the same time stops here
+    try:
+        if any(p.name != LOCK_FILE for p in out.iterdir()):
+            raise ValueError(not_empty)
+        return write_merged(shards, manifests, out)
+    finally:
+        lock.close()
+
+
+def write_merged(shards: list[Path], manifests: list[dict], out: Path) -> dict:
     examples = sorted((r for s in shards for r in read_jsonl(s / "examples.jsonl")), key=lambda r: (r["slot"], r["id"]))
     rejections = [r for s in shards for r in read_jsonl(s / "rejected.jsonl")]
     tasks = {}
@@ -60,7 +78,6 @@ def merge_runs(shards: list[Path], out: Path) -> dict:
             } | {k: record[k] for k in TOKEN_KEYS if k in record})  # its tokens were spent all the same
         else:
             kept.append(record)
-    out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("examples.jsonl", kept), ("rejected.jsonl", rejections), ("tasks.jsonl", list(tasks.values()))):
         with open(out / name, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -13,6 +13,7 @@ from speedx.synth.dedup import Deduplicator
 from speedx.synth.families import FAMILIES, Family
 from speedx.synth.json_repair import JSONRepairError, parse_json_object
 from speedx.synth.prompts import brainstorm_messages, brainstorm_schema
+from speedx.synth.run_files import numbered_json_lines
 
 MAX_TOPIC_DEPTH = 4
 TASK_WORDS = (3, 40)  # a task definition is a sentence, not a word and not an essay
@@ -59,7 +60,8 @@ def load_tasks_file(path: str, families: list[Family]) -> list[Task]:
     selected family. Errors name the file and line."""
     selected = {f.name for f in families}
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        # "\n" only: splitlines() would also split at U+2028 and the like inside a JSON string
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read --tasks file {path}: {exc}") from exc
     tasks: list[Task] = []
@@ -68,25 +70,59 @@ def load_tasks_file(path: str, families: list[Family]) -> list[Task]:
         if not line:
             continue
         where = f"{path}:{number}"
+        topic = None
         if line.startswith("{"):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: not valid JSON ({exc.msg}); write one JSON object or one plain task per line")
-            text, family = record.get("task"), record.get("family")
+            text, family, topic = record.get("task"), record.get("family"), record.get("topic")
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f'{where}: needs a non-empty "task" string')
+            if family is not None and not isinstance(family, str):
+                raise ValueError(f'{where}: "family" must be one family name as a string, e.g. "sts"')
             if family is not None and family not in FAMILIES:
                 raise ValueError(f"{where}: unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+            if topic is not None and not isinstance(topic, str):
+                raise ValueError(f'{where}: "topic" must be a string')
             names = [family] if family else sorted(selected)
         else:
             text, names = line, sorted(selected)
         for name in names:
             if name in selected:
-                tasks.append(Task(f"t{len(tasks)}", name, text.strip(), record.get("topic") if line.startswith("{") else None))
+                tasks.append(Task(f"t{len(tasks)}", name, text.strip(), topic))
     missing = selected - {t.family for t in tasks}
     if missing:
         raise ValueError(f"--tasks file {path} has no task for families {sorted(missing)}")
+    return tasks
+
+
+def load_saved_tasks(path: Path, families: list[Family]) -> list[Task]:
+    """tasks.jsonl of a run being resumed ([] when it has none yet). Every request is planned from
+    it, so a file cut short (older versions wrote it line by line) or edited must stop the run."""
+    if not path.exists():
+        return []
+    fix = "delete it to make the tasks again, or use a new --out"
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        raise ValueError(f"{path} is cut off in its last line (a run killed while writing it): {fix}")
+    tasks = []
+    try:
+        for number, record in numbered_json_lines(path, data.decode("utf-8")):
+            try:
+                task = Task(**record)
+            except TypeError:  # not an object, or other keys
+                task = None
+            if task is None or not all(isinstance(v, str) for v in (task.id, task.family, task.task)):
+                raise ValueError(f"{path}:{number}: not a task record")
+            tasks.append(task)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: {fix}") from None
+    except ValueError as exc:
+        raise ValueError(f"{exc}: {fix}") from None
+    missing = {f.name for f in families} - {t.family for t in tasks}
+    if tasks and missing:
+        raise ValueError(f"{path} has no task for families {sorted(missing)} (cut short?): {fix}")
     return tasks
 
 
