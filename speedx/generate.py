@@ -120,6 +120,9 @@ def check_arguments(args) -> dict:
                             for k in changed)
             raise ValueError(f"--out {out} holds a run made with other settings ({was}): "
                              "use the same arguments to resume, or a new --out")
+        if previous.get("num_examples", 0) > args.num_examples:  # its examples beyond would count as this run's
+            raise ValueError(f"--out {out} holds a run of --num-examples {previous['num_examples']}: resume it with "
+                             "at least that many (it may grow), or use a new --out")
         saved_tasks = load_saved_tasks(out / "tasks.jsonl", families)
     except BaseException:
         lock.close()

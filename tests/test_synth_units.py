@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -404,3 +405,28 @@ def test_resume_refuses_changed_dtypes_unless_not_recorded(tmp_path, capsys, no_
             "--kv-cache-dtype auto in the run, fp8 in this command)") in capsys.readouterr().err
     (out / "manifest.json").write_text(json.dumps({"config": {"seed": 0}}))  # from before the dtypes were recorded
     check([*command, "--dtype", "bfloat16", "--kv-cache-dtype", "fp8"])
+
+
+def test_resume_may_grow_num_examples_but_not_shrink_it(tmp_path, capsys, no_model):
+    """A smaller --num-examples would count the run's examples beyond it as this run's (8 of 4)."""
+    out, command = resumable_run(tmp_path, {"seed": 0, "num_examples": 8})
+    check([*command, "--num-examples", "8"])
+    check([*command, "--num-examples", "12"])
+    assert generate_main([*command, "--num-examples", "4"]) == 2
+    assert "holds a run of --num-examples 8: resume it with at least that many" in capsys.readouterr().err
+
+
+def test_wall_time_counts_the_model_load(tmp_path, monkeypatch):
+    """The device is held from the model load on: a cost report that starts after it under-counts."""
+    from speedx.synth.pipeline import SynthesisRun
+
+    class SlowLoadingLLM(FakeLLM):
+        def __init__(self, *args, **kwargs):
+            time.sleep(0.5)
+
+    monkeypatch.setattr(speedx, "LLM", SlowLoadingLLM)
+    monkeypatch.setattr(SynthesisRun, "run", lambda self: None)
+    out = tmp_path / "run"
+    assert generate_main(["--tasks", str(sts_tasks(tmp_path)), "--families", "sts", "--json-mode", "repair",
+                          "--no-progress", "--num-examples", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["wall_seconds"] >= 0.5

@@ -74,15 +74,16 @@ def run_generate(args, checked) -> int:
     out: Path = checked["out"]
     manifest_path = out / "manifest.json"
     previous = read_manifest(manifest_path)
+    start = time.perf_counter()  # the device is held (and paid for) from the model load on
     llm = LLM(args.model, dtype=args.dtype, seed=args.seed, kv_cache_memory=args.kv_cache_memory,
               kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, lora=args.lora)
     if args.json_mode == "constrained":
         compile_schemas(llm, checked["families"])
-    start = time.perf_counter()
     # The settings go on disk before any other file of the run, so that whatever a killed or failed
     # run leaves behind (tasks.jsonl first) is only ever resumed with the same settings.
     manifest = {"config": checked["config"] | {"num_examples": args.num_examples}, "status": "running",
-                "wall_seconds": previous.get("wall_seconds", 0.0), "tasks": previous.get("tasks")}
+                "wall_seconds": previous.get("wall_seconds", 0.0) + time.perf_counter() - start,
+                "tasks": previous.get("tasks")}
     atomic_write_json(manifest_path, manifest)
     tasks, task_stats = load_or_make_tasks(args, checked, llm)
     if task_stats["source"] == "resumed" and previous.get("tasks"):
