@@ -139,28 +139,27 @@ def test_topic_paths_keep_first_two_and_last_two():
     assert truncate_topic("A>B>C") == "A > B > C"
 
 
-def test_tasks_file_formats_and_errors(tmp_path):
+def test_tasks_file_formats(tmp_path):
     fams = parse_families("retrieval,sts")
     path = tmp_path / "tasks.txt"
     path.write_text("Find recipes for a dish.\n\n" + json.dumps({"task": "Similar park sentences.", "family": "sts"}) + "\n")
     tasks = load_tasks_file(str(path), fams)
     assert [(t.family, t.task) for t in tasks] == [
         ("retrieval", "Find recipes for a dish."), ("sts", "Find recipes for a dish."), ("sts", "Similar park sentences.")]
-    path.write_text('{"task": "ok", "family": "sts"}\n{"task": broken}\n')
-    with pytest.raises(ValueError, match=r"tasks.txt:2: not valid JSON"):
-        load_tasks_file(str(path), fams)
-    path.write_text('{"task": "ok", "family": "poetry"}\n')
-    with pytest.raises(ValueError, match=r"tasks.txt:1: unknown family 'poetry'"):
-        load_tasks_file(str(path), fams)
-    path.write_text('{"task": "only sts", "family": "sts"}\n')
-    with pytest.raises(ValueError, match=r"no task for families \['retrieval'\]"):
-        load_tasks_file(str(path), fams)
-    path.write_text('{"task": "ok", "family": "sts"}\n{"task": "ok", "family": ["sts"]}\n')
-    with pytest.raises(ValueError, match=r'tasks.txt:2: "family" must be one family name'):
-        load_tasks_file(str(path), fams)
-    path.write_text('{"task": "ok", "topic": {"a": 1}}\n')
-    with pytest.raises(ValueError, match=r'tasks.txt:1: "topic" must be a string'):
-        load_tasks_file(str(path), fams)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"task": "ok", "family": "sts"}\n{"task": broken}\n', r"tasks.txt:2: not valid JSON"),
+    ('{"task": "ok", "family": "poetry"}\n', r"tasks.txt:1: unknown family 'poetry'"),
+    ('{"task": "only sts", "family": "sts"}\n', r"no task for families \['retrieval'\]"),
+    ('{"task": "ok", "family": "sts"}\n{"task": "ok", "family": ["sts"]}\n', r'tasks.txt:2: "family" must be one family name'),
+    ('{"task": "ok", "topic": {"a": 1}}\n', r'tasks.txt:1: "topic" must be a string'),
+])
+def test_tasks_file_errors_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "tasks.txt"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_tasks_file(str(path), parse_families("retrieval,sts"))
 
 
 def test_line_separators_inside_json_strings_stay_in_the_record(tmp_path):
