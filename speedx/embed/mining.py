@@ -34,8 +34,12 @@ def query_text(record: dict, instruction_prefix: bool = True) -> str:
 def build_corpus(records: Iterable[dict]) -> list[str]:
     """The default candidate corpus: every positive and existing negative of the records, each text
     once, in first-seen order (so ids are stable across runs)."""
+    return _corpus_of(validate_records(records))
+
+
+def _corpus_of(rows: Iterable[dict]) -> list[str]:
     texts: dict[str, None] = {}
-    for row in validate_records(records):
+    for row in rows:
         texts[row["positive"]] = None
         texts.update(dict.fromkeys(row["negatives"]))
     return list(texts)
@@ -189,7 +193,7 @@ def mine_hard_negatives(
     check_settings(num_negatives, range_min, range_max, margin, sampling)
     records = list(records)
     parsed_rows = validate_records(records)
-    corpus = list(dict.fromkeys(build_corpus(records) if corpus is None else corpus))
+    corpus = list(dict.fromkeys(_corpus_of(parsed_rows) if corpus is None else corpus))
     if not corpus:
         raise ValueError("the candidate corpus is empty: give records with positives or a non-empty corpus")
     if isinstance(model, str):
