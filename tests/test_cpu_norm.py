@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from speedx import _C
-from speedx.kernels import rms_norm_torch
+from speedx.kernels.layers_torch import rms_norm_torch
 from speedx.models.layers import RMSNorm
 
 

@@ -10,7 +10,7 @@ from helpers import make_llm, random_prompts
 from triton_marks import needs_cuda, needs_interpreter
 
 from speedx import SamplingParams
-from speedx.kernels import paged_attention_torch, store_kvcache_torch
+from speedx.kernels.paged_attention import paged_attention_torch, store_kvcache_torch
 
 FP8 = torch.float8_e4m3fn
 
@@ -112,7 +112,7 @@ def test_rope_and_store_rounds_to_fp8_like_the_twin(device):
     fp32 -> bf16 conversion truncates (so the layers' bf16 tests are GPU-only too)."""
     from test_triton_layers import rope_case
 
-    from speedx.kernels import rope_and_store_torch
+    from speedx.kernels.layers_torch import rope_and_store_torch
     from speedx.kernels.triton_layers import rope_and_store_triton
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -13,7 +13,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from triton_marks import needs_cuda, needs_interpreter  # noqa: E402
-from speedx.kernels import paged_attention_torch, store_kvcache_torch  # noqa: E402
+from speedx.kernels.paged_attention import paged_attention_torch, store_kvcache_torch  # noqa: E402
 from speedx.kernels.triton_attention import attention_config, paged_attention_triton, v_keys_contiguous  # noqa: E402
 from speedx.kernels.triton_kv_store import store_kvcache_triton  # noqa: E402
 

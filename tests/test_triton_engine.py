@@ -166,7 +166,7 @@ def test_speedx_imports_and_runs_on_cpu_without_triton():
         """
         import sys
         sys.modules["triton"] = None  # as if not installed: import fails, find_spec gives None
-        import torch, speedx, speedx.kernels, speedx.models.attention, speedx.engine.sampler
+        import torch, speedx, speedx.kernels.dispatch, speedx.models.attention, speedx.engine.sampler
         from speedx.kernels import dispatch
         assert not dispatch.triton_available()
         assert not dispatch.use_triton(torch.device("cuda"), "auto")
@@ -190,7 +190,7 @@ def test_cpu_path_never_imports_triton():
         """
         import sys, torch
         from speedx.engine.sampler import sample_tokens
-        from speedx.kernels import paged_attention, store_kvcache
+        from speedx.kernels.dispatch import paged_attention, store_kvcache
         cache = torch.zeros(4, 4, 2, 8)
         store_kvcache(torch.randn(3, 2, 8), torch.randn(3, 2, 8), cache, cache.clone(), torch.tensor([0, 1, 2]))
         table, cu, lens = torch.tensor([[0]], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)

@@ -13,7 +13,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from triton_marks import needs_cuda, needs_interpreter  # noqa: E402
-from speedx.kernels import rms_norm_torch, rope_and_store_torch, silu_mul_torch  # noqa: E402
+from speedx.kernels.layers_torch import rms_norm_torch, rope_and_store_torch, silu_mul_torch  # noqa: E402
 from speedx.kernels.triton_layers import rms_norm_triton, rope_and_store_triton, silu_mul_triton  # noqa: E402
 from speedx.models.layers import RotaryEmbedding  # noqa: E402
 
