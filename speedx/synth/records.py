@@ -93,24 +93,29 @@ def dedup_text(record: dict) -> str:
 
 def export_sentence_transformers(examples: list[dict], out_dir: Path) -> dict[str, int]:
     """anchor/positive/negative columns (JSONL and Parquet); the query carries its instruction.
-    Examples with negatives go to triplets, the matching families (no negative) to pairs."""
+    Examples with negatives go to triplets, the matching families (no negative) to pairs. A split
+    without rows gets no files (a reader cannot tell the columns of an empty JSONL file); its
+    count of 0 in the returned dict, which goes into the manifest, says so."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    triplets, pairs = [], []
+    splits = {"triplets": ("anchor", "positive", "negative"), "pairs": ("anchor", "positive")}
+    rows = {name: [] for name in splits}
     for ex in examples:
         anchor = f"Instruct: {ex['instruction']}\nQuery: {ex['query']}"
         if ex["negatives"]:
-            triplets.append({"anchor": anchor, "positive": ex["positive"], "negative": ex["negatives"][0]})
+            rows["triplets"].append({"anchor": anchor, "positive": ex["positive"], "negative": ex["negatives"][0]})
         else:
-            pairs.append({"anchor": anchor, "positive": ex["positive"]})
-    counts = {}
-    for name, rows in (("triplets", triplets), ("pairs", pairs)):
-        counts[name] = len(rows)
-        with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        columns = ["anchor", "positive"] + (["negative"] if name == "triplets" else [])
-        table = pa.table({c: [r[c] for r in rows] for c in columns})
-        pq.write_table(table, out_dir / f"{name}.parquet")
-    return counts
+            rows["pairs"].append({"anchor": anchor, "positive": ex["positive"]})
+    for name, columns in splits.items():
+        jsonl, parquet = out_dir / f"{name}.jsonl", out_dir / f"{name}.parquet"
+        if not rows[name]:  # and none left from an earlier export
+            jsonl.unlink(missing_ok=True)
+            parquet.unlink(missing_ok=True)
+            continue
+        with open(jsonl, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[name])
+        schema = pa.schema([(c, pa.string()) for c in columns])
+        pq.write_table(pa.table({c: [r[c] for r in rows[name]] for c in columns}, schema=schema), parquet)
+    return {name: len(split_rows) for name, split_rows in rows.items()}
