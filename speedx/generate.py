@@ -12,50 +12,57 @@ import os
 import sys
 from pathlib import Path
 
+from speedx.cli_types import memory_size, non_empty, number
+from speedx.synth import exit_codes
 from speedx.synth.families import DEFAULT_MIX, parse_families, parse_mix
 
-EXIT_BAD_INPUT = 2
 # Settings that must match for a re-run to resume a run directory (num_examples may grow). The
 # dtypes change the logits and so the sampled text; manifests from before they were recorded lack them.
 RESUME_KEYS = ("model", "lora", "families", "mix", "seed", "temperature", "top_p", "max_tokens", "tasks", "topics",
                "num_topics", "revisor", "revisor_lora", "json_mode", "shard", "dtype", "kv_cache_dtype")
 PATH_KEYS = ("model", "lora", "tasks", "topics", "revisor", "revisor_lora")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m speedx.generate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m speedx.generate", description=__doc__, epilog=exit_codes.HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="generator: 'default', a HF directory or a .gguf file")
-    p.add_argument("--lora", default=None, help="PEFT LoRA adapter of the generator, merged at load")
-    p.add_argument("--families", default=None, help="comma list of retrieval, classification, sts, short_short, "
-                   "long_long, bitext (default: all but bitext)")
+    model, path, seed = non_empty("'default', a HF directory or a .gguf file"), non_empty("a path"), number(int, at_least=0)
+    price, count = number(float, at_least=0), number(int, at_least=1)
+    p.add_argument("--model", type=model, default="default", help="generator: 'default', a HF directory or a .gguf file")
+    p.add_argument("--lora", type=path, default=None, help="PEFT LoRA adapter of the generator, merged at load")
+    p.add_argument("--families", type=non_empty("a comma list of families"), default=None,
+                   help="comma list of retrieval, classification, sts, short_short, long_long, bitext "
+                   "(default: all but bitext)")
     p.add_argument("--mix", default=DEFAULT_MIX, help="family weights: classification:sts:retrieval:matching "
                    "(default 7:7:7:2, the paper's) or name=weight pairs")
-    p.add_argument("--num-examples", type=int, default=64, help="valid unique examples to write")
-    p.add_argument("--out", default="speedx-out", help="run directory (created; re-use it to resume)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=1024, help="per generated example")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tasks", default=None, help="tasks file: JSONL {task, family?} or one task per line")
-    p.add_argument("--topics", default=None, help="topics file (one 'A > B > C' path per line) for brainstorming; "
-                   "default: the built-in taxonomy")
-    p.add_argument("--num-topics", type=int, default=None, help="topics to brainstorm tasks for "
+    p.add_argument("--num-examples", type=count, default=64, help="valid unique examples to write")
+    p.add_argument("--out", type=non_empty("a directory path"), default="speedx-out",
+                   help="run directory (created; re-use it to resume)")
+    p.add_argument("--temperature", type=number(float, at_least=0), default=1.0)
+    p.add_argument("--top-p", type=number(float, above=0, at_most=1), default=1.0)
+    p.add_argument("--max-tokens", type=number(int, at_least=16), default=1024,
+                   help="per generated example (at least 16: room for its JSON)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--tasks", type=path, default=None, help="tasks file: JSONL {task, family?} or one task per line")
+    p.add_argument("--topics", type=path, default=None, help="topics file (one 'A > B > C' path per line) for "
+                   "brainstorming; default: the built-in taxonomy")
+    p.add_argument("--num-topics", type=count, default=None, help="topics to brainstorm tasks for "
                    "(default: num_examples / 4, at least 4)")
-    p.add_argument("--revisor", default=None, help="model that revises each example once (a second pass)")
-    p.add_argument("--revisor-lora", default=None, help="PEFT LoRA adapter of the revisor, merged at load")
-    p.add_argument("--shard", default="0/1", help="i/n: this process does example slots s with s %% n == i")
+    p.add_argument("--revisor", type=model, default=None, help="model that revises each example once (a second pass)")
+    p.add_argument("--revisor-lora", type=path, default=None, help="PEFT LoRA adapter of the revisor, merged at load")
+    p.add_argument("--shard", type=shard_text, default="0/1", help="i/n: this process does example slots s with s %% n == i")
     p.add_argument("--json-mode", choices=("constrained", "repair"), default="constrained",
                    help="constrained: grammar-masked decoding (always valid JSON); repair: lenient parsing")
-    p.add_argument("--max-attempts", type=int, default=4, help="generation attempts per example slot")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--kv-cache-memory", default=None, help="e.g. 4GiB (default: the engine's)")
+    p.add_argument("--max-attempts", type=count, default=4, help="generation attempts per example slot")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the checkpoint's (bfloat16 for GGUF)")
+    p.add_argument("--kv-cache-memory", type=memory_size, default=None, help="e.g. 4GiB (default: the engine's)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="auto: the model's dtype; fp8: half the KV memory and traffic (GPU)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine runs at once")
-    p.add_argument("--gpu-hour-price", type=float, default=2.0, help="$ per device-hour for the cost report")
-    p.add_argument("--api-price-in", type=float, default=2.5, help="teacher API $ per 1M input tokens (GPT-4o)")
-    p.add_argument("--api-price-out", type=float, default=10.0, help="teacher API $ per 1M output tokens (GPT-4o)")
+    p.add_argument("--max-num-seqs", type=count, default=256, help="sequences the engine runs at once")
+    p.add_argument("--gpu-hour-price", type=price, default=2.0, help="$ per device-hour for the cost report")
+    p.add_argument("--api-price-in", type=price, default=2.5, help="teacher API $ per 1M input tokens (GPT-4o)")
+    p.add_argument("--api-price-out", type=price, default=10.0, help="teacher API $ per 1M output tokens (GPT-4o)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -64,28 +71,26 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in text.split("/"))
     except ValueError:
-        raise ValueError(f"bad --shard {text!r}: write i/n, e.g. 0/4") from None
+        index = count = -1
     if not (count >= 1 and 0 <= index < count):
-        raise ValueError(f"bad --shard {text!r}: need 0 <= i < n")
+        raise argparse.ArgumentTypeError(f"got {text!r}; give i/n with 0 <= i < n, e.g. 0/4")
     return index, count
+
+
+def shard_text(text: str) -> str:
+    parse_shard(text)
+    return text
 
 
 def check_arguments(args) -> dict:
     """Everything that can be wrong with the arguments, checked before anything is written."""
+    from speedx.synth.pipeline import RunState, shard_slots
     from speedx.synth.run_files import ensure_writable_dir, lock_run_dir, read_manifest
     from speedx.synth.tasks import load_saved_tasks, load_tasks_file, load_topics
 
     families = parse_families(args.families)
     weights = parse_mix(args.mix, families)
     families = [f for f in families if weights[f.name] > 0]
-    if args.num_examples < 1:
-        raise ValueError("--num-examples must be >= 1")
-    if args.max_tokens < 16:
-        raise ValueError("--max-tokens must be >= 16: an example needs room for its JSON")
-    if args.max_attempts < 1:
-        raise ValueError("--max-attempts must be >= 1")
-    if args.num_topics is not None and args.num_topics < 1:
-        raise ValueError("--num-topics must be >= 1")
     if args.revisor_lora and not args.revisor:
         raise ValueError("--revisor-lora needs --revisor (the base model the adapter was trained on)")
     from speedx import SamplingParams
@@ -112,7 +117,8 @@ def check_arguments(args) -> dict:
     config = {key: getattr(args, key) for key in RESUME_KEYS}
     lock = lock_run_dir(out)  # before reading the run's files: no other process may change them now
     try:
-        previous = read_manifest(out / "manifest.json").get("config", {})
+        manifest = read_manifest(out / "manifest.json")
+        previous = manifest.get("config", {})
         # a key the manifest lacks was not recorded by the version that made it: not a change
         changed = [k for k in RESUME_KEYS if k in previous and not same_setting(k, previous[k], config[k])]
         if changed:
@@ -124,6 +130,12 @@ def check_arguments(args) -> dict:
             raise ValueError(f"--out {out} holds a run of --num-examples {previous['num_examples']}: resume it with "
                              "at least that many (it may grow), or use a new --out")
         saved_tasks = load_saved_tasks(out / "tasks.jsonl", families)
+        # A run that ended with this --num-examples and no attempt left to make: nothing to load a model for.
+        ended = manifest.get("status") in ("complete", "incomplete") and "export" in manifest \
+            and previous.get("num_examples") == args.num_examples
+        if ended and not RunState.load(out).open_slots(shard_slots(args.num_examples, shard), args.max_attempts):
+            lock.close()
+            return {"ended": manifest, "out": out}
     except BaseException:
         lock.close()
         raise
@@ -149,24 +161,41 @@ def main(argv: list[str] | None = None) -> int:
         from speedx.synth.merge import main as merge_main
 
         return merge_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad value (2), already printed
+        return exc.code
     try:
         checked = check_arguments(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exit_codes.BAD_INPUT
+    if "ended" in checked:
+        manifest = checked["ended"]
+        print(f"{checked['out']} holds this run, {manifest['status']} ({manifest['examples']} examples): "
+              "nothing left to do" + incomplete_hint(manifest["status"], args.max_attempts))
+        return exit_codes.OK if manifest["status"] == "complete" else exit_codes.INCOMPLETE
     from speedx.synth.cli_run import run_generate
 
     try:
-        return run_generate(args, checked)
+        status = run_generate(args, checked)
     except ValueError as exc:  # e.g. a schema the grammar compiler rejects
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exit_codes.BAD_INPUT
     except KeyboardInterrupt:  # what was written is kept: every finished request is one fsynced line
         print(f"\ninterrupted: re-run the same command to resume the run in {checked['out']}", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
     finally:
         checked["lock"].close()
+    print(f"run {status}" + incomplete_hint(status, args.max_attempts))
+    return exit_codes.OK if status == "complete" else exit_codes.INCOMPLETE
+
+
+def incomplete_hint(status: str, max_attempts: int) -> str:
+    if status == "complete":
+        return ""
+    return (f"; its empty slots used up --max-attempts {max_attempts}: re-run the same command with a larger "
+            "--max-attempts to give them more")
 
 
 if __name__ == "__main__":

@@ -199,11 +199,26 @@ def test_torn_last_line_is_cut_on_resume(tmp_path):
         (["--mix", "nan:1:1:1"], "weights must be finite numbers >= 0"),
         (["--families", "sts,retrieval", "--mix", "sts=1,retrieval=nan"], "weights must be finite numbers >= 0"),
         (["--topics", "{tmp}/latin1.txt"], "latin1.txt is not UTF-8 text"),
-        (["--shard", "3/2"], "bad --shard"),
-        (["--num-examples", "0"], "--num-examples must be >= 1"),
-        (["--num-topics", "-2"], "--num-topics must be >= 1"),
-        (["--temperature", "-1"], "temperature must be a finite number >= 0"),
-        (["--top-p", "2"], "top_p must be a number in (0, 1]"),
+        (["--shard", "3/2"], "argument --shard: got '3/2'; give i/n with 0 <= i < n"),
+        (["--shard", "1"], "argument --shard: got '1'; give i/n"),
+        (["--num-examples", "0"], "argument --num-examples: got '0'; give an integer >= 1"),
+        (["--num-topics", "-2"], "argument --num-topics: got '-2'; give an integer >= 1"),
+        (["--max-attempts", "0"], "argument --max-attempts: got '0'; give an integer >= 1"),
+        (["--max-num-seqs", "0"], "argument --max-num-seqs: got '0'; give an integer >= 1"),
+        (["--max-tokens", "15"], "argument --max-tokens: got '15'; give an integer >= 16"),
+        (["--seed", "-1"], "argument --seed: got '-1'; give an integer >= 0"),
+        (["--temperature", "-1"], "argument --temperature: got '-1'; give a finite number >= 0"),
+        (["--temperature", "nan"], "argument --temperature: got 'nan'; give a finite number >= 0"),
+        (["--top-p", "2"], "argument --top-p: got '2'; give a finite number > 0 and <= 1"),
+        (["--gpu-hour-price", "-1"], "argument --gpu-hour-price: got '-1'; give a finite number >= 0"),
+        (["--api-price-in", "inf"], "argument --api-price-in: got 'inf'; give a finite number >= 0"),
+        (["--api-price-out", "ten"], "argument --api-price-out: got 'ten'; give a finite number >= 0"),
+        (["--kv-cache-memory", "4 gigs"], "argument --kv-cache-memory: got '4 gigs'; give a size such as 512MiB"),
+        (["--kv-cache-memory", "0GiB"], "argument --kv-cache-memory: got '0GiB'"),
+        (["--dtype", "bf17"], "argument --dtype: invalid choice: 'bf17'"),
+        (["--families", ""], "argument --families: got ''; give a comma list of families"),
+        (["--model", ""], "argument --model: got ''"),
+        (["--tasks", " "], "argument --tasks: got ' '; give a path"),
         (["--model", "/no/such/model"], "--model: "),
         (["--revisor", "/no/such/revisor"], "--revisor: "),
     ],
@@ -214,6 +229,21 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, no_model, ar
     assert generate_main([a.format(tmp=tmp_path) for a in args] + ["--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_empty_out_is_refused_not_the_current_directory(tmp_path, monkeypatch, capsys, no_model):
+    monkeypatch.chdir(tmp_path)
+    assert generate_main(["--out", ""]) == 2
+    assert "argument --out: got ''; give a directory path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_the_exit_codes(capsys):
+    assert generate_main(["--help"]) == 0
+    assert "exit codes:\n  0    complete" in capsys.readouterr().out
+    assert generate_main(["merge", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--allow-partial" in help_text and "3    incomplete" in help_text
 
 
 def test_cli_malformed_tasks_file_reports_the_line(tmp_path, capsys):
@@ -294,7 +324,7 @@ def test_a_stopped_run_is_not_finished_and_merge_refuses_it(tmp_path, monkeypatc
     assert generate_main([*command, "--shard", "0/2", "--out", str(shard0)]) == 130
     assert json.loads((shard0 / "manifest.json").read_text())["status"] == "interrupted"
     monkeypatch.setattr(SynthesisRun, "run", lambda self: None)  # shard 1 finishes (with no example)
-    assert generate_main([*command, "--shard", "1/2", "--out", str(shard1)]) == 0
+    assert generate_main([*command, "--shard", "1/2", "--out", str(shard1)]) == 3
     assert json.loads((shard1 / "manifest.json").read_text())["status"] == "incomplete"
     capsys.readouterr()
     assert generate_main(["merge", str(shard0), str(shard1), "--out", str(tmp_path / "merged")]) == 2
@@ -309,15 +339,20 @@ def test_a_stopped_run_is_not_finished_and_merge_refuses_it(tmp_path, monkeypatc
     assert json.loads((shard0 / "manifest.json").read_text())["status"] == "failed"
 
 
-def fake_shard(path, index: int, status: str = "complete", **config) -> None:
-    """A finished shard of 2, with one example, as a run writes it."""
+def fake_shard(path, index: int, status: str = "complete", count: int = 2, **config) -> None:
+    """A finished shard i/count with one example of 5 output tokens, made in 1 s, as a run writes it."""
     path.mkdir()
     record = {"id": f"s{index}-a0", "slot": index, "family": "sts", "task_id": "t0", "task": "Parks.",
-              "query": f"shard {index} query about {['parks', 'trains'][index]}", "positive": f"answer {index}",
+              "query": f"shard {index} query about {['parks', 'trains', 'boats'][index]}", "positive": f"answer {index}",
               "negatives": ["other"], "instruction": "Retrieve semantically similar text.", "raw": {}, "output_tokens": 5}
     (path / "examples.jsonl").write_text(json.dumps(record) + "\n")
     (path / "tasks.jsonl").write_text(json.dumps({"id": "t0", "family": "sts", "task": "Parks."}) + "\n")
-    manifest = {"config": {"seed": 0, "shard": f"{index}/2", **config}, "status": status, "wall_seconds": 1.0}
+    hours, price = 1 / 3600, 2.0 + index  # shards may run at different prices
+    cost = {"device": "cpu", "device_hours": hours, "device_hour_price": price, "dollars": hours * price,
+            "input_tokens": 100, "output_tokens": 5 + 20, "api_price_in": 2.5, "api_price_out": 10.0,
+            "api_dollars_same_tokens": 0.0005}  # 20 of the output tokens were the brainstorm's
+    manifest = {"config": {"seed": 0, "shard": f"{index}/{count}", "num_examples": count, **config},
+                "status": status, "wall_seconds": 1.0, "tasks": {"requests": 4, "output_tokens": 20}, "cost": cost}
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -338,6 +373,30 @@ def test_merge_refuses_unfinished_shards_and_accepts_older_manifests(tmp_path, c
     fake_shard(tmp_path / "old", 1)
     assert merge_with("old") == 0
     assert len(list(read_jsonl(tmp_path / "merged" / "examples.jsonl"))) == 2
+
+
+def test_merge_refuses_missing_shards_unless_allowed_and_sums_their_costs(tmp_path, capsys):
+    for index in (0, 2):
+        fake_shard(tmp_path / f"s{index}", index, count=3)
+    shards = [str(tmp_path / "s0"), str(tmp_path / "s2")]
+    assert generate_main(["merge", *shards, "--out", str(tmp_path / "merged")]) == 2
+    assert "shards 1/3 of the run are missing: name their directories too, or pass --allow-partial" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+    assert generate_main(["merge", *shards, "--out", str(tmp_path / "merged"), "--allow-partial"]) == 3
+    assert "2/3 examples" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete" and manifest["missing_shards"] == ["1/3"]
+    cost = manifest["cost"]
+    assert cost["device_hours"] == pytest.approx(2 / 3600) and cost["dollars"] == pytest.approx((2.0 + 4.0) / 3600)
+    assert cost["device_hour_price"] == [2.0, 4.0]
+    assert cost["output_tokens"] == 50 and cost["input_tokens"] == 200
+    assert cost["api_dollars_same_tokens"] == pytest.approx(0.001)
+    assert cost["dollars_per_thousand_examples"] == pytest.approx(cost["dollars"] / 2 * 1000)
+    assert manifest["tokens"]["output_tokens"] == 10 and manifest["tasks"]["output_tokens"] == 40
+    fake_shard(tmp_path / "s1", 1, count=3)
+    assert generate_main(["merge", *shards, str(tmp_path / "s1"), "--out", str(tmp_path / "all")]) == 0
+    assert json.loads((tmp_path / "all" / "manifest.json").read_text())["missing_shards"] == []
 
 
 def test_a_second_process_cannot_write_to_a_locked_run(tmp_path, capsys, no_model):
@@ -415,6 +474,27 @@ def test_resume_may_grow_num_examples_but_not_shrink_it(tmp_path, capsys, no_mod
     assert "holds a run of --num-examples 8: resume it with at least that many" in capsys.readouterr().err
 
 
+def test_rerunning_an_ended_run_is_a_no_op_that_loads_no_model(tmp_path, capsys, no_model):
+    out, command = resumable_run(tmp_path)
+    command += ["--num-examples", "2", "--max-attempts", "1"]
+    rows = [{"id": f"s{slot}-a0", "slot": slot, "family": "sts", "task_id": "t0", "reason": "too_short:S1"}
+            for slot in (0, 1)]
+    (out / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = {"config": {"seed": 0, "num_examples": 2}, "status": "incomplete", "examples": 0, "export": {}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert generate_main(command) == 3
+    assert capsys.readouterr().out == (f"{out} holds this run, incomplete (0 examples): nothing left to do; its empty "
+                                       "slots used up --max-attempts 1: re-run the same command with a larger "
+                                       "--max-attempts to give them more\n")
+    with pytest.raises(AssertionError, match="went on to load a model"):  # slots with attempts left: not a no-op
+        generate_main([*command, "--max-attempts", "2"])
+    (out / "rejected.jsonl").unlink()
+    (out / "examples.jsonl").write_text("".join(json.dumps(dict(r, reason=None)) + "\n" for r in rows))
+    (out / "manifest.json").write_text(json.dumps(manifest | {"status": "complete", "examples": 2}))
+    assert generate_main(command) == 0
+    assert capsys.readouterr().out == f"{out} holds this run, complete (2 examples): nothing left to do\n"
+
+
 def test_wall_time_counts_the_model_load(tmp_path, monkeypatch):
     """The device is held from the model load on: a cost report that starts after it under-counts."""
     from speedx.synth.pipeline import SynthesisRun
@@ -427,5 +507,5 @@ def test_wall_time_counts_the_model_load(tmp_path, monkeypatch):
     monkeypatch.setattr(SynthesisRun, "run", lambda self: None)
     out = tmp_path / "run"
     assert generate_main(["--tasks", str(sts_tasks(tmp_path)), "--families", "sts", "--json-mode", "repair",
-                          "--no-progress", "--num-examples", "2", "--out", str(out)]) == 0
+                          "--no-progress", "--num-examples", "2", "--out", str(out)]) == 3  # no example: incomplete
     assert json.loads((out / "manifest.json").read_text())["wall_seconds"] >= 0.5

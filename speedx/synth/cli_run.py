@@ -8,7 +8,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from speedx.synth.pipeline import Planner, RunState, SynthesisRun, summarize
+from speedx.synth.pipeline import Planner, RunState, SynthesisRun, shard_slots, summarize
 from speedx.synth.records import export_sentence_transformers
 from speedx.synth.report import Progress, cost_report, print_summary
 from speedx.synth.run_files import atomic_write_json, atomic_write_jsonl, read_jsonl, read_manifest
@@ -23,11 +23,6 @@ def sampling_factory(temperature: float, top_p: float, max_tokens: int):
     return partial(SamplingParams, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
 
 
-def shard_slots(num_examples: int, shard: tuple[int, int]) -> list[int]:
-    index, count = shard
-    return [s for s in range(num_examples) if s % count == index]
-
-
 def load_or_make_tasks(args, checked, llm) -> tuple[list[Task], dict]:
     if checked["saved_tasks"]:  # read and checked with the arguments
         return checked["saved_tasks"], {"source": "resumed"}
@@ -37,7 +32,7 @@ def load_or_make_tasks(args, checked, llm) -> tuple[list[Task], dict]:
         num_topics = args.num_topics or max(4, math.ceil(args.num_examples / 4))
         params = sampling_factory(args.temperature, args.top_p, 128)
         tasks, stats = brainstorm_tasks(llm, checked["families"], checked["topics"], num_topics, args.seed,
-                                        args.json_mode, params)
+                                        args.json_mode, params, show_progress=not args.no_progress)
         stats["source"] = "brainstorm"
         missing = {f.name for f in checked["families"]} - {t.family for t in tasks}
         if missing:  # a weak model may fail a family entirely; fall back to that family's example tasks
@@ -65,7 +60,8 @@ def compile_schemas(llm, families) -> None:
             raise ValueError(f"the grammar compiler rejected the {name} schema: {exc}") from exc
 
 
-def run_generate(args, checked) -> int:
+def run_generate(args, checked) -> str:
+    """Run (or resume) the synthesis; its final status, "complete" or "incomplete"."""
     import torch
 
     import speedx
@@ -140,7 +136,4 @@ def run_generate(args, checked) -> int:
     manifest["export"] = export_sentence_transformers(examples, out / "sentence-transformers")
     atomic_write_json(manifest_path, manifest)
     print_summary(manifest, len(slots))
-    if manifest["status"] != "complete":
-        print(f"note: {len(slots) - summary['examples']} slots found no valid example within --max-attempts "
-              f"{args.max_attempts}; raise it or re-run with a larger --max-attempts to fill them")
-    return 0
+    return manifest["status"]

@@ -42,6 +42,17 @@ class RunState:
         state.filled = {record["slot"] for record in state.examples}
         return state
 
+    def has_attempts_left(self, slot: int, max_attempts: int) -> bool:
+        return slot not in self.filled and self.attempts[slot] < max_attempts
+
+    def open_slots(self, slots: list[int], max_attempts: int) -> list[int]:
+        return [slot for slot in slots if self.has_attempts_left(slot, max_attempts)]
+
+
+def shard_slots(num_examples: int, shard: tuple[int, int]) -> list[int]:
+    index, count = shard
+    return [s for s in range(num_examples) if s % count == index]
+
 
 class Planner:
     def __init__(self, families: list[Family], weights: dict[str, float], tasks: list[Task], seed: int):
@@ -135,7 +146,7 @@ class SynthesisRun:
             self.dedup.add(record["id"], dedup_text(record))
 
     def next_request(self, slot: int) -> PlannedRequest | None:
-        if slot in self.state.filled or self.state.attempts[slot] >= self.max_attempts:
+        if not self.state.has_attempts_left(slot, self.max_attempts):
             return None
         return self.planner.request(slot, self.state.attempts[slot])
 

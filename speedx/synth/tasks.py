@@ -13,6 +13,7 @@ from speedx.synth.dedup import Deduplicator
 from speedx.synth.families import FAMILIES, Family
 from speedx.synth.json_repair import JSONRepairError, parse_json_object
 from speedx.synth.prompts import brainstorm_messages, brainstorm_schema
+from speedx.synth.report import BrainstormProgress
 from speedx.synth.run_files import numbered_json_lines
 
 MAX_TOPIC_DEPTH = 4
@@ -127,7 +128,7 @@ def load_saved_tasks(path: Path, families: list[Family]) -> list[Task]:
 
 
 def brainstorm_tasks(llm, families: list[Family], topics: list[str], num_topics: int, seed: int,
-                     json_mode: str, params_factory) -> tuple[list[Task], dict]:
+                     json_mode: str, params_factory, show_progress: bool = False) -> tuple[list[Task], dict]:
     """Ask the model for task definitions per (topic, family); keep one per topic, drop near-duplicates."""
     rng = random.Random(seed)
     chosen = rng.sample(topics, min(num_topics, len(topics)))
@@ -138,11 +139,20 @@ def brainstorm_tasks(llm, families: list[Family], topics: list[str], num_topics:
     seen = Deduplicator(threshold=0.8)
     tasks, stats = [], {"requests": len(jobs), "kept": 0, "unusable": 0, "duplicates": 0, "output_tokens": 0,
                         "prompt_tokens": 0}
-    for index, out in sorted(llm.stream(prompts, params), key=lambda pair: pair[0]):
+    progress = BrainstormProgress(len(jobs)) if show_progress else None
+    finished = []
+    for index, out in llm.stream(prompts, params):
+        finished.append((index, out))
+        if progress:
+            progress.update(out.num_output_tokens, bool(task_candidates(answer_text(out))))
+    if progress:
+        progress.close()
+    # Which tasks are kept (the first of near-duplicates) is decided in request order: runs repeat.
+    for index, out in sorted(finished, key=lambda pair: pair[0]):
         topic, family = jobs[index]
         stats["output_tokens"] += out.num_output_tokens
         stats["prompt_tokens"] += out.num_prompt_tokens
-        candidates = task_candidates(out.outputs[0].text if out.error is None else "")
+        candidates = task_candidates(answer_text(out))
         kept = None
         for text in candidates:
             if seen.check_and_add(f"{family.name}:{text}", f"{family.name} {text}") is None:
@@ -154,6 +164,10 @@ def brainstorm_tasks(llm, families: list[Family], topics: list[str], num_topics:
         tasks.append(Task(f"b{index}", family.name, kept, topic, "brainstorm"))
     stats["kept"] = len(tasks)
     return tasks, stats
+
+
+def answer_text(out) -> str:
+    return out.outputs[0].text if out.error is None else ""
 
 
 def task_candidates(text: str) -> list[str]:
