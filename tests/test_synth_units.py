@@ -474,6 +474,28 @@ def test_resume_may_grow_num_examples_but_not_shrink_it(tmp_path, capsys, no_mod
     assert "holds a run of --num-examples 8: resume it with at least that many" in capsys.readouterr().err
 
 
+def test_the_brainstorm_shows_its_progress(capsys):
+    from speedx.engine.outputs import CompletionOutput, RequestOutput
+    from speedx.synth.tasks import brainstorm_tasks
+
+    answers = ['{"tasks": ["Find recipes that use seasonal vegetables."]}', "no JSON here"]
+
+    class StreamingLLM:
+        def apply_chat_template(self, messages):
+            return messages[-1]["content"]
+
+        def stream(self, prompts, params):
+            for index in reversed(range(len(prompts))):  # finishing out of order
+                text = answers[index % 2]
+                yield index, RequestOutput(str(index), None, [1, 2], [CompletionOutput(0, text, [7] * 10, "stop")])
+
+    tasks, stats = brainstorm_tasks(StreamingLLM(), [FAMILIES["sts"]], ["Food > Cooking", "Sports"], 2, 0, "repair",
+                                    lambda **kw: kw, show_progress=True)
+    assert [t.task for t in tasks] == ["Find recipes that use seasonal vegetables."] and stats["output_tokens"] == 20
+    bar = capsys.readouterr().err
+    assert "brainstorm: 100%" in bar and "2/2" in bar and "1 with tasks" in bar
+
+
 def test_rerunning_an_ended_run_is_a_no_op_that_loads_no_model(tmp_path, capsys, no_model):
     out, command = resumable_run(tmp_path)
     command += ["--num-examples", "2", "--max-attempts", "1"]
