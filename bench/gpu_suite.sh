@@ -67,7 +67,7 @@ if [ -n "${QUICK:-}" ]; then
     step env SPEEDX_KERNELS=auto $M8B $GRID --repeats 3 --skip-hf --kv-cache-dtype fp8 $BEFORE \
         --out "$RESULTS/throughput_8b_1024x1024_fp8kv_before.json"
     summary
-    step "$PY" bench/kernels.py --only decode_tiles attention prefill_tiles --decode-tiles-match "1536, float8" \
+    step "$PY" bench/gpu_kernels.py --only decode_tiles attention prefill_tiles --decode-tiles-match "1536, float8" \
         --out "$RESULTS/kernels_attention.json"
     echo "exit status $status"
     exit $status
@@ -81,7 +81,7 @@ fi
 [ -z "${SKIP_TESTS:-}" ] && step "$PY" -m pytest -q tests/test_infonce.py tests/test_async_scheduling.py
 
 # 2. Kernel benchmarks (do_bench medians, bandwidth vs a measured device copy).
-[ -z "${SKIP_KERNELS:-}" ] && step "$PY" bench/kernels.py --out "$RESULTS/kernels.json"
+[ -z "${SKIP_KERNELS:-}" ] && step "$PY" bench/gpu_kernels.py --out "$RESULTS/kernels.json"
 #    Fused InfoNCE vs the PyTorch reference (target at B=8192, 7 docs/query, d=4096: <10% of its extra memory, <=1.1x time).
 [ -z "${SKIP_KERNELS:-}" ] && step "$PY" bench/infonce.py --out "$RESULTS/infonce.json"
 #    ... and where its time goes: each step, tile and workspace sweeps, a kernel profile of one step.

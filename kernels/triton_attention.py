@@ -225,7 +225,7 @@ def choose_num_splits(device: torch.device, programs: int, max_kv_len: int) -> i
 
 # Query rows (tokens x GQA group) per prefill tile, for 16-bit queries with head_dim <= 128 on sm_90+
 # (64 below: without wgmma, sm_80 spills registers at 128 rows, ptxas). H100, 2026-11-26: 128 ran
-# 1.6-1.7x the TFLOP/s of 64 on fresh prompts and 1.3x on a mixed step (bench/kernels.py
+# 1.6-1.7x the TFLOP/s of 64 on fresh prompts and 1.3x on a mixed step (bench/gpu_kernels.py
 # prefill_tiles), and the 8B grid 9,810 output tok/s against 9,009 (one H200 run with 3 stages had
 # shown 7% fewer; attention_config's note). A/B another end to end with
 # bench/throughput.py --set speedx.kernels.triton_attention.PREFILL_ROWS=64.
@@ -235,7 +235,7 @@ PREFILL_ROWS = 128
 # (sm_90 ptxas, 8B heads): (128, 4, 3), the tile before 2026-11-26, takes 199 registers a thread over
 # V with head dims contiguous, so 2 blocks (8 warps) fit an SM, and 166 over V with keys contiguous
 # (3 blocks); 64-key tiles there take under 100 (5 blocks, 20 warps, as the bf16 tile). H100,
-# 2026-11-26, 256 x 1536 over V with keys contiguous (bench/kernels.py decode_tiles): 0.87 of copy
+# 2026-11-26, 256 x 1536 over V with keys contiguous (bench/gpu_kernels.py decode_tiles): 0.87 of copy
 # bandwidth for this tile and (64, 4, 2), 0.84 for (128, 4, 3). A/B another end to end with
 # bench/throughput.py --set speedx.kernels.triton_attention.FP8_DECODE_TILE="(128, 4, 3)".
 FP8_DECODE_TILE = (64, 4, 3)
@@ -248,7 +248,7 @@ def attention_config(dtype: torch.dtype, head_dim: int, group: int, all_decode: 
     (prefill_rows: PREFILL_ROWS on sm_90+, the default) x 64 for 16-bit head_dim <= 128, smaller for
     padded or larger heads and for fp32 (FMA dots, tests only).
     Decode: one token per block, the group padded to 16 rows (the smallest tl.dot tile), 4 warps;
-    an fp8 cache streams FP8_DECODE_TILE and dots in fp16. H200, 2026-11-26 (bench/kernels.py
+    an fp8 cache streams FP8_DECODE_TILE and dots in fp16. H200, 2026-11-26 (bench/gpu_kernels.py
     decode_tiles, share of copy bandwidth at 256 x 1536 / 64 x 1024): bf16 1.02 / 0.82 with 4 warps
     against 0.90 / 0.62 with 8; fp8 over V with head dims contiguous, on the 128-key tile then shipped,
     0.63 / 0.51 against 0.36 / 0.32 for the bf16 tile. H100, later that day, at 256 x 1536: fp8 0.80

@@ -46,6 +46,14 @@ def test_installed_packages_win_over_top_level_folders_of_the_same_name():
     assert result.returncode == 0, result.stderr
 
 
+def test_no_script_shadows_an_installed_module_from_its_folder():
+    """`python bench/x.py` puts bench/ first on sys.path: bench/kernels.py once shadowed HF's kernels."""
+    installed = packages_distributions()
+    clashes = [str(p.relative_to(ROOT)) for folder in ("bench", "tests") for p in (ROOT / folder).glob("*.py")
+               if p.stem in installed]
+    assert clashes == []
+
+
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_every_command_starts_from_the_repository_root(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,

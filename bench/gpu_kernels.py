@@ -4,9 +4,9 @@ Medians of triton.testing.do_bench; memory-bound kernels also report achieved ba
 measured device-to-device copy (the practical ceiling). Shapes: Llama-3-8B (32 query / 8 KV heads,
 head_dim 128, bf16 KV cache, block_size 16, vocab 128256). JSON out.
 
-    python bench/kernels.py                       # needs CUDA; on CPU it says so and exits 0
-    python bench/kernels.py --out bench/results/kernels.json
-    python bench/kernels.py --only decode_tiles --decode-tiles-match "1536, float8"   # one sweep, fp8 workloads
+    python bench/gpu_kernels.py                       # needs CUDA; on CPU it says so and exits 0
+    python bench/gpu_kernels.py --out bench/results/kernels.json
+    python bench/gpu_kernels.py --only decode_tiles --decode-tiles-match "1536, float8"   # one sweep, fp8 workloads
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ def main() -> None:
                         help="decode_tiles: only the workloads whose name contains TEXT (each takes a minute)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (the Triton kernels' CPU interpreter is for tests only); skipping.")
+        print("bench/gpu_kernels.py needs a CUDA GPU (the Triton kernels' CPU interpreter is for tests only); skipping.")
         sys.exit(0)
     import triton
 
