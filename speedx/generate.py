@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=shard_text, default="0/1", help="i/n: this process does example slots s with s %% n == i")
     p.add_argument("--json-mode", choices=("constrained", "repair"), default="constrained",
                    help="constrained: grammar-masked decoding (always valid JSON); repair: lenient parsing")
-    p.add_argument("--max-attempts", type=count, default=4, help="generation attempts per example slot")
+    p.add_argument("--max-attempts", type=count, default=4,
+                   help="attempts per example slot on average: the run makes at most this many times its slots "
+                   "in all, and one slot at most 4x as many")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the checkpoint's (bfloat16 for GGUF)")
     p.add_argument("--kv-cache-memory", type=memory_size, default=None, help="e.g. 4GiB (default: the engine's)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
@@ -84,7 +86,7 @@ def shard_text(text: str) -> str:
 
 def check_arguments(args) -> dict:
     """Everything that can be wrong with the arguments, checked before anything is written."""
-    from speedx.synth.pipeline import RunState, shard_slots
+    from speedx.synth.pipeline import AttemptBudget, RunState, shard_slots
     from speedx.synth.run_files import ensure_writable_dir, lock_run_dir, read_manifest
     from speedx.synth.tasks import load_saved_tasks, load_tasks_file, load_topics
 
@@ -133,9 +135,12 @@ def check_arguments(args) -> dict:
         # A run that ended with this --num-examples and no attempt left to make: nothing to load a model for.
         ended = manifest.get("status") in ("complete", "incomplete") and "export" in manifest \
             and previous.get("num_examples") == args.num_examples
-        if ended and not RunState.load(out).open_slots(shard_slots(args.num_examples, shard), args.max_attempts):
+        slots = shard_slots(args.num_examples, shard)
+        budget = AttemptBudget.for_run(len(slots), args.max_attempts)
+        state = RunState.load(out) if ended else None
+        if ended and not state.open_slots(slots, budget):
             lock.close()
-            return {"ended": manifest, "out": out}
+            return {"ended": manifest | {"empty_slots": state.empty_slots_reason(slots, budget)}, "out": out}
     except BaseException:
         lock.close()
         raise
@@ -173,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     if "ended" in checked:
         manifest = checked["ended"]
         print(f"{checked['out']} holds this run, {manifest['status']} ({manifest['examples']} examples): "
-              "nothing left to do" + incomplete_hint(manifest["status"], args.max_attempts))
+              "nothing left to do" + incomplete_hint(manifest, args.max_attempts))
         return exit_codes.OK if manifest["status"] == "complete" else exit_codes.INCOMPLETE
     from speedx.synth.cli_run import run_generate
 
     try:
-        status = run_generate(args, checked)
+        manifest = run_generate(args, checked)
     except ValueError as exc:  # e.g. a schema the grammar compiler rejects
         print(f"error: {exc}", file=sys.stderr)
         return exit_codes.BAD_INPUT
@@ -187,15 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         return exit_codes.INTERRUPTED
     finally:
         checked["lock"].close()
-    print(f"run {status}" + incomplete_hint(status, args.max_attempts))
-    return exit_codes.OK if status == "complete" else exit_codes.INCOMPLETE
+    print(f"run {manifest['status']}" + incomplete_hint(manifest, args.max_attempts))
+    return exit_codes.OK if manifest["status"] == "complete" else exit_codes.INCOMPLETE
 
 
-def incomplete_hint(status: str, max_attempts: int) -> str:
-    if status == "complete":
+def incomplete_hint(manifest: dict, max_attempts: int) -> str:
+    if manifest["status"] == "complete":
         return ""
-    return (f"; its empty slots used up --max-attempts {max_attempts}: re-run the same command with a larger "
-            "--max-attempts to give them more")
+    return (f": {manifest.get('empty_slots') or 'slots left empty'}; re-run the same command with a larger "
+            f"--max-attempts (now {max_attempts}) to give them more")
 
 
 if __name__ == "__main__":

@@ -505,9 +505,9 @@ def test_rerunning_an_ended_run_is_a_no_op_that_loads_no_model(tmp_path, capsys,
     manifest = {"config": {"seed": 0, "num_examples": 2}, "status": "incomplete", "examples": 0, "export": {}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert generate_main(command) == 3
-    assert capsys.readouterr().out == (f"{out} holds this run, incomplete (0 examples): nothing left to do; its empty "
-                                       "slots used up --max-attempts 1: re-run the same command with a larger "
-                                       "--max-attempts to give them more\n")
+    assert capsys.readouterr().out == (f"{out} holds this run, incomplete (0 examples): nothing left to do: the run's "
+                                       "2 attempts were spent (2 slots empty); re-run the same command with a larger "
+                                       "--max-attempts (now 1) to give them more\n")
     with pytest.raises(AssertionError, match="went on to load a model"):  # slots with attempts left: not a no-op
         generate_main([*command, "--max-attempts", "2"])
     (out / "rejected.jsonl").unlink()

@@ -60,8 +60,8 @@ def compile_schemas(llm, families) -> None:
             raise ValueError(f"the grammar compiler rejected the {name} schema: {exc}") from exc
 
 
-def run_generate(args, checked) -> str:
-    """Run (or resume) the synthesis; its final status, "complete" or "incomplete"."""
+def run_generate(args, checked) -> dict:
+    """Run (or resume) the synthesis; its manifest, whose status is "complete" or "incomplete"."""
     import torch
 
     import speedx
@@ -126,8 +126,14 @@ def run_generate(args, checked) -> str:
     finally:
         if progress:
             progress.close()
-        summary = summarize(RunState.load(out))
+        state = RunState.load(out)
+        summary = summarize(state)
         manifest.update(summary)
+        manifest["attempts"] = {"made": state.num_attempts, "budget": run.budget.total,
+                                "per_slot_limit": run.budget.per_slot}
+        manifest["empty_slots"] = state.empty_slots_reason(slots, run.budget)
+        if run.occupancy is not None:
+            manifest["occupancy"] = run.occupancy.report()
         manifest["status"] = stopped or ("complete" if summary["examples"] >= len(slots) else "incomplete")
         record_wall_time(final=True)
         manifest["cost"] = cost_report(summary, manifest["wall_seconds"], args, llm.device, manifest["tasks"])
@@ -136,4 +142,4 @@ def run_generate(args, checked) -> str:
     manifest["export"] = export_sentence_transformers(examples, out / "sentence-transformers")
     atomic_write_json(manifest_path, manifest)
     print_summary(manifest, len(slots))
-    return manifest["status"]
+    return manifest

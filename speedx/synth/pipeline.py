@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from speedx.synth.dedup import Deduplicator
+from speedx.synth.engine_queue import EngineQueue
 from speedx.synth.families import Family
 from speedx.synth.prompts import generation_messages, revision_messages
 from speedx.synth.records import PlannedRequest, check_example, dedup_text, example_record, rejection_record
@@ -23,11 +24,28 @@ from speedx.synth.run_files import JsonlAppender, read_jsonl
 from speedx.synth.tasks import Task, hash_seed
 
 
+# A slot may take up to this many times --max-attempts when others need fewer; the run as a whole
+# makes at most --max-attempts per slot on average.
+PER_SLOT_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class AttemptBudget:
+    """How many attempts the run may make: `total` in all, `per_slot` for any one slot."""
+
+    total: int
+    per_slot: int
+
+    @classmethod
+    def for_run(cls, num_slots: int, max_attempts: int) -> "AttemptBudget":
+        return cls(total=max_attempts * num_slots, per_slot=PER_SLOT_FACTOR * max_attempts)
+
+
 @dataclass
 class RunState:
     """What the run directory says is done."""
 
-    attempts: Counter = field(default_factory=Counter)  # slot -> finished attempts
+    done: defaultdict = field(default_factory=lambda: defaultdict(set))  # slot -> finished attempt numbers
     filled: set = field(default_factory=set)  # slots holding a valid example
     examples: list = field(default_factory=list)
     rejections: list = field(default_factory=list)
@@ -38,15 +56,33 @@ class RunState:
         state.examples = list(read_jsonl(out / "examples.jsonl", repair=True))
         state.rejections = list(read_jsonl(out / "rejected.jsonl", repair=True))
         for record in state.examples + state.rejections:
-            state.attempts[record["slot"]] += 1
+            state.done[record["slot"]].add(attempt_of(record))
         state.filled = {record["slot"] for record in state.examples}
         return state
 
-    def has_attempts_left(self, slot: int, max_attempts: int) -> bool:
-        return slot not in self.filled and self.attempts[slot] < max_attempts
+    @property
+    def num_attempts(self) -> int:
+        return len(self.examples) + len(self.rejections)
 
-    def open_slots(self, slots: list[int], max_attempts: int) -> list[int]:
-        return [slot for slot in slots if self.has_attempts_left(slot, max_attempts)]
+    def open_slots(self, slots: list[int], budget: AttemptBudget) -> list[int]:
+        """Empty slots the budget still allows an attempt for."""
+        if self.num_attempts >= budget.total:
+            return []
+        return [s for s in slots if s not in self.filled and len(self.done[s]) < budget.per_slot]
+
+    def empty_slots_reason(self, slots: list[int], budget: AttemptBudget) -> str | None:
+        """What kept the empty slots empty, or None when every slot is filled."""
+        empty = [s for s in slots if s not in self.filled]
+        if not empty:
+            return None
+        if self.num_attempts >= budget.total:
+            return f"the run's {budget.total} attempts were spent ({len(empty)} slots empty)"
+        return f"{len(empty)} slots each failed all of their {budget.per_slot} attempts"
+
+
+def attempt_of(record: dict) -> int:
+    """A record's attempt number (records made before the field existed have it in their id)."""
+    return record["attempt"] if "attempt" in record else int(record["id"].rsplit("-a", 1)[1])
 
 
 def shard_slots(num_examples: int, shard: tuple[int, int]) -> list[int]:
@@ -76,135 +112,161 @@ class Planner:
         return PlannedRequest(slot, attempt, family, task.id, task.task, knobs, hash_seed(self.seed, slot, attempt, 1), messages)
 
 
-class _EngineQueue:
-    """Feeds one LLM's engine request by request and hands back (tag, output) as each finishes."""
-
-    def __init__(self, llm):
-        self.llm = llm
-        self.engine = llm.engine
-        if self.engine.has_unfinished_requests():
-            raise RuntimeError("the engine is busy with another generate call")
-        self.capacity = 2 * self.engine.scheduler.max_num_seqs  # a queue deep enough to keep batches full
-        self.tags: dict[str, object] = {}
-        self.errors: list = []
-        self.submitted = 0
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.tags or self.errors)
-
-    @property
-    def has_room(self) -> bool:
-        return len(self.tags) < self.capacity
-
-    def submit(self, messages: list, params, tag) -> None:
-        request_id = f"q{self.submitted}"
-        self.submitted += 1
-        try:
-            self.engine.add_request(request_id, self.llm.apply_chat_template(messages), params)
-        except ValueError as exc:  # e.g. a prompt longer than the model: this attempt fails alone
-            self.errors.append((tag, _error_output(request_id, str(exc))))
-            return
-        self.tags[request_id] = tag
-
-    def step(self):
-        finished, self.errors = self.errors, []
-        if self.tags:
-            outputs, _ = self.engine.step()
-            finished += [(self.tags.pop(out.request_id), out) for out in outputs]
-        return finished
-
-    def abort(self) -> None:
-        self.engine.abort_all()
-        self.tags.clear()
-
-
-def _error_output(request_id: str, message: str):
-    from speedx.engine.outputs import CompletionOutput, RequestOutput
-
-    return RequestOutput(request_id, None, [], [CompletionOutput(0, "", [], "error")], error=message)
-
-
 class SynthesisRun:
+    """Fill each slot with its lowest-numbered valid, new attempt.
+
+    Attempts of a slot are started in order (0, 1, ...). When the engine has room and no slot
+    waits for a first try, further attempts of the empty slots start early (surplus), so the batch
+    stays as full as it began until the last slot is filled. A valid attempt waits for the slot's
+    lower attempts still running; the lowest valid one wins, so the result does not depend on how
+    many ran at once. Once a slot is decided its other running attempts are aborted (never written)
+    and finished ones are written as rejected with reason "surplus", so their tokens are counted.
+    """
+
     def __init__(self, llm, planner: Planner, out: Path, slots: list[int], json_mode: str, params_factory,
-                 max_attempts: int, model_name: str, revisor=None, progress=None, on_step=None):
+                 max_attempts: int, model_name: str, revisor=None, progress=None, on_step=None,
+                 surplus: bool = True):
         self.llm = llm
         self.planner = planner
         self.out = out
         self.slots = slots
         self.json_mode = json_mode
         self.params_factory = params_factory
-        self.max_attempts = max_attempts
+        self.budget = AttemptBudget.for_run(len(slots), max_attempts)
         self.model_name = model_name
         self.revisor = revisor
         self.progress = progress
         self.on_step = on_step  # called after every engine step (the CLI records its wall time there)
+        self.surplus = surplus
         self.state = RunState.load(out)
-        self._in_revision: set[int] = set()  # slots whose valid example is with the revisor
+        self.running: dict[int, dict[int, str | None]] = {}  # slot -> {attempt: request id}
+        self.waiting: dict[int, dict[int, tuple]] = {}  # slot -> {attempt: (request, example, tokens)}
+        self.unwritten = 0  # attempts started and not yet written or aborted
+        self.in_revision: set[int] = set()  # slots whose winning example is with the revisor
+        self.occupancy = None
         self.dedup = Deduplicator()
         for record in self.state.examples:  # resumed runs dedup against what is already written
             self.dedup.add(record["id"], dedup_text(record))
 
-    def next_request(self, slot: int) -> PlannedRequest | None:
-        if not self.state.has_attempts_left(slot, self.max_attempts):
-            return None
-        return self.planner.request(slot, self.state.attempts[slot])
+    # ------------------------------------------------------------------ which attempt next
+
+    def _taken(self, slot: int) -> set[int]:
+        return self.state.done[slot] | self.running.get(slot, {}).keys() | self.waiting.get(slot, {}).keys()
+
+    def _can_start(self, slot: int) -> bool:
+        if slot in self.state.filled or slot in self.in_revision:
+            return False
+        return (self.state.num_attempts + self.unwritten < self.budget.total
+                and len(self._taken(slot)) < self.budget.per_slot)
+
+    def _needs_first_try(self, slot: int) -> bool:
+        return self._can_start(slot) and slot not in self.running and not self.waiting.get(slot)
+
+    def _start(self, queue, slot: int) -> None:
+        taken = self._taken(slot)
+        attempt = next(a for a in range(len(taken) + 1) if a not in taken)  # a resume may have left gaps
+        request = self.planner.request(slot, attempt)
+        request_id = queue.submit(request.messages, self._params(self.params_factory, request), ("generate", request))
+        self.running.setdefault(slot, {})[attempt] = request_id  # None: failed at once, its error is on its way
+        self.unwritten += 1
+
+    def _fill(self, queue, todo: deque, target_batch: int) -> None:
+        """First tries from `todo` while the queue has room; then surplus attempts of running slots,
+        fewest started first, up to the target batch."""
+        while todo and queue.has_room:
+            slot = todo.popleft()
+            if self._needs_first_try(slot):
+                self._start(queue, slot)
+        if todo or not self.surplus:
+            return
+        while queue.in_flight < target_batch:
+            candidates = [s for s in self.running if self._can_start(s)]
+            if not candidates:
+                return
+            self._start(queue, min(candidates, key=lambda s: (len(self._taken(s)), s)))
+
+    # ------------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        """Keep the engine full: a rejected attempt is replaced by the slot's next one at once,
-        so there are no rounds and no tail of half-empty batches waiting on the slowest request.
-        With a revisor, each valid example goes to it once before it is written."""
-        examples = JsonlAppender(self.out / "examples.jsonl")
-        rejected = JsonlAppender(self.out / "rejected.jsonl")
-        generator = _EngineQueue(self.llm)
+        """Keep the engine full until every slot is decided or the budget is spent. With a revisor,
+        each slot's winning example goes to it once before it is written."""
+        files = (JsonlAppender(self.out / "examples.jsonl"), JsonlAppender(self.out / "rejected.jsonl"))
+        generator = EngineQueue(self.llm)
+        self.occupancy = generator.occupancy
         reviser = None
         if self.revisor:
-            reviser = generator if self.revisor[0] is self.llm else _EngineQueue(self.revisor[0])
+            reviser = generator if self.revisor[0] is self.llm else EngineQueue(self.revisor[0])
         queues = [generator] if reviser in (None, generator) else [generator, reviser]
-        todo = deque(r for r in map(self.next_request, self.slots) if r is not None)
+        todo = deque(self.state.open_slots(self.slots, self.budget))
+        target_batch = min(len(todo), generator.max_batch)  # the batch the run starts with
         try:
-            while todo or any(q.busy for q in queues):
-                while todo and generator.has_room:
-                    request = todo.popleft()
-                    generator.submit(request.messages, self._params(self.params_factory, request), ("generate", request))
+            while True:
+                self._fill(generator, todo, target_batch)
+                if not any(q.busy for q in queues):
+                    break
                 for queue in queues:
-                    for (kind, item), out in queue.step():
-                        if kind == "generate":
-                            self._on_generated(item, out, examples, rejected, reviser)
-                        else:
-                            self._on_revised(*item, out, examples, rejected)
+                    for (kind, item), out in queue.step(target_batch):
                         slot = item.slot if kind == "generate" else item[0].slot
-                        waiting_for_revision = kind == "generate" and reviser and slot in self._in_revision
-                        if not waiting_for_revision and (retry := self.next_request(slot)):
-                            todo.append(retry)  # rejected or duplicate: the slot's next attempt
+                        if kind == "generate":
+                            self._on_generated(item, out, files, generator, reviser)
+                        else:
+                            self._on_revised(*item, out, files)
+                        if self._needs_first_try(slot):
+                            todo.append(slot)  # every attempt so far failed: the slot's next one
                 if self.on_step:
                     self.on_step()
         finally:
             for queue in queues:
-                queue.abort()
-            examples.close()
-            rejected.close()
+                queue.abort_all()
+            for file in files:
+                file.close()
 
-    def _on_generated(self, request: PlannedRequest, out, examples, rejected, reviser) -> None:
-        accepted = self._check(rejected, request, out)
-        if accepted is None:
-            return
-        if reviser is None:
-            self._accept(examples, rejected, request, *accepted, revised=False)
-            return
-        data, tokens = accepted
-        self._in_revision.add(request.slot)
-        messages = revision_messages(request.family, request.task, request.messages[0]["content"], data)
-        reviser.submit(messages, self._params(self.revisor[1], request), ("revise", (request, data, tokens)))
+    def _on_generated(self, request: PlannedRequest, out, files, generator, reviser) -> None:
+        running = self.running.get(request.slot, {})
+        if running.pop(request.attempt, False) is False:
+            return  # aborted when its slot was decided: not written, not counted
+        if not running:
+            del self.running[request.slot]
+        accepted = self._check(files[1], request, out)
+        if accepted is not None:
+            self.waiting.setdefault(request.slot, {})[request.attempt] = (request, *accepted)
+        if request.slot in self.waiting:  # a lower attempt's failure may let a waiting one win
+            self._decide(request.slot, files, generator, reviser)
 
-    def _on_revised(self, request: PlannedRequest, data: dict, tokens: dict, out, examples, rejected) -> None:
-        self._in_revision.discard(request.slot)
+    def _decide(self, slot: int, files, generator, reviser) -> None:
+        """Take the slot's lowest valid attempt once no lower attempt is still running."""
+        waiting = self.waiting[slot]
+        while waiting and slot not in self.in_revision and slot not in self.state.filled:
+            attempt = min(waiting)
+            if any(a < attempt for a in self.running.get(slot, {})):
+                return
+            request, data, tokens = waiting.pop(attempt)
+            if reviser is None:
+                self._accept(files, request, data, tokens, revised=False)
+            else:
+                self.in_revision.add(slot)
+                messages = revision_messages(request.family, request.task, request.messages[0]["content"], data)
+                reviser.submit(messages, self._params(self.revisor[1], request), ("revise", (request, data, tokens)))
+        if slot in self.state.filled or slot in self.in_revision:
+            for request, data, tokens in waiting.values():
+                text = json.dumps(data, ensure_ascii=False)
+                self._reject(files[1], rejection_record(request, "surplus", text, tokens))
+            waiting.clear()
+            for request_id in self.running.pop(slot, {}).values():
+                if request_id is not None:  # None: it failed at submit; its error output is dropped above
+                    generator.abort(request_id)
+                self.unwritten -= 1
+        if not waiting:
+            del self.waiting[slot]
+
+    def _on_revised(self, request: PlannedRequest, data: dict, tokens: dict, out, files) -> None:
+        self.in_revision.discard(request.slot)
         tokens = dict(tokens, revisor_prompt_tokens=out.num_prompt_tokens, revisor_output_tokens=out.num_output_tokens)
         revised = None
         if out.error is None:
             revised, _ = check_example(request, out.outputs[0].text, self.json_mode)
         # The revisor rewrites once; a revision that breaks the example keeps the original.
-        self._accept(examples, rejected, request, revised or data, tokens, revised=revised is not None)
+        self._accept(files, request, revised or data, tokens, revised=revised is not None)
 
     def _params(self, factory, request: PlannedRequest):
         schema = request.family.json_schema() if self.json_mode == "constrained" else None
@@ -221,7 +283,8 @@ class SynthesisRun:
             return None
         return data, tokens
 
-    def _accept(self, examples, rejected, request, data, tokens, revised: bool) -> None:
+    def _accept(self, files, request, data, tokens, revised: bool) -> None:
+        examples, rejected = files
         record = example_record(request, data, self.model_name, revised, tokens)
         duplicate = self.dedup.check_and_add(record["id"], dedup_text(record))
         if duplicate:
@@ -231,16 +294,18 @@ class SynthesisRun:
         examples.write(record)
         self.state.examples.append(record)
         self.state.filled.add(request.slot)
-        self.state.attempts[request.slot] += 1
+        self.state.done[request.slot].add(request.attempt)
+        self.unwritten -= 1
         if self.progress:
-            self.progress.update(record, valid=True)
+            self.progress.update(record, valid=True, occupancy=self.occupancy.mean)
 
     def _reject(self, rejected, record) -> None:
         rejected.write(record)
         self.state.rejections.append(record)
-        self.state.attempts[record["slot"]] += 1
+        self.state.done[record["slot"]].add(attempt_of(record))
+        self.unwritten -= 1
         if self.progress:
-            self.progress.update(record, valid=False)
+            self.progress.update(record, valid=False, occupancy=self.occupancy.mean)
 
 
 def summarize(state: RunState) -> dict:

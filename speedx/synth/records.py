@@ -48,6 +48,7 @@ def example_record(request: PlannedRequest, data: dict, model: str, revised: boo
     return {
         "id": request.id,
         "slot": request.slot,
+        "attempt": request.attempt,
         "family": request.family.name,
         "task_id": request.task_id,
         "task": request.task,
@@ -68,6 +69,7 @@ def rejection_record(request: PlannedRequest, reason: str, text: str, tokens: di
     return {
         "id": request.id,
         "slot": request.slot,
+        "attempt": request.attempt,
         "family": request.family.name,
         "task_id": request.task_id,
         "reason": reason,

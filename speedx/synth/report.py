@@ -19,7 +19,7 @@ class Progress:
         self.began = time.perf_counter()
         self.bar = tqdm(total=self.total, initial=already_done, desc="examples", unit="ex", dynamic_ncols=True)
 
-    def update(self, record: dict, valid: bool) -> None:
+    def update(self, record: dict, valid: bool, occupancy: float | None = None) -> None:
         self.finished += 1
         self.valid += valid
         self.output_tokens += record.get("output_tokens", 0)
@@ -27,9 +27,10 @@ class Progress:
             return
         self.bar.update(int(valid))
         elapsed = max(time.perf_counter() - self.began, 1e-9)
+        batch = "" if occupancy is None else f", batch {occupancy:.0%} full"
         self.bar.set_postfix_str(
             f"{self.valid / elapsed:.2f} ex/s, {self.output_tokens / elapsed:,.0f} tok/s, "
-            f"valid {self.valid / self.finished:.0%}"
+            f"kept {self.valid / self.finished:.0%} of attempts{batch}"
         )
 
     def close(self) -> None:
@@ -115,6 +116,12 @@ def print_summary(manifest: dict, requested: int) -> None:
             f"{name}.jsonl/.parquet {count} rows" if count else f"no {name} (no rows, no files)"
             for name, count in manifest["export"].items()))
     brainstorm = " with the task brainstorm" if manifest["tasks"].get("output_tokens") else ""
+    if manifest.get("empty_slots"):
+        print(f"empty slots: {manifest['empty_slots']}")
+    occupancy = manifest.get("occupancy") or {}
+    if occupancy.get("mean") is not None:
+        tenths = " ".join("-" if f is None else f"{f:.0%}" for f in occupancy["by_tenth_of_time"])
+        print(f"batch occupancy {occupancy['mean']:.0%} of the starting batch; by tenth of the run: {tenths}")
     print(
         f"\n{manifest['examples']}/{requested} examples; tokens{brainstorm} in {cost['input_tokens']:,} "
         f"(prefix-cached {tokens.get('cached_tokens', 0):,}), out {cost['output_tokens']:,}; "
