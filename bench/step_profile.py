@@ -1,7 +1,16 @@
 """Where a generation run's time goes, step by step: device span vs host time, by step kind.
 
-Runs one throughput workload (see throughput.py) with every engine step timed twice: host wall time,
-and the device span from the step's inputs being staged to its tokens being sampled (CUDA events).
+Three phases (--phases; default run,kernels,steps on CUDA and steps on a CPU):
+
+steps: decode steps at fixed batch sizes (--batch-sizes, default 1 and 64): each step's wall time,
+split on a CPU into the C++ kernels (every speedx._C kernel call timed) and the host's Python/PyTorch
+work around them, then the host's top costs per step under cProfile (which inflates Python costs,
+so read it for ranking, not for totals).
+
+    python bench/step_profile.py                    # the default model on this CPU, B=1 and B=64
+
+run and kernels: one throughput workload (see throughput.py) with every engine step timed twice:
+host wall time, and the device span from the step's inputs being staged to its tokens being sampled (CUDA events).
 Per kind of step (pure decode on a CUDA graph, or mixed/prefill) it prints the steps, their mean
 batch, the share of the run, the host time outside the device span, and how close the device span
 comes to its floor (decode: weights + KV bytes at the measured copy bandwidth; mixed: matmul FLOPs at
@@ -15,14 +24,21 @@ torch.profiler and lists the kernels that take the device time.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import functools
 import json
+import pstats
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from speedx import LLM, SamplingParams
-from throughput import make_workload
+from throughput import chat_prompt, device_name, make_workload
+
+# speedx._C functions that are no step's arithmetic; every other function of _C counts as a kernel.
+NOT_KERNELS = {"cpu_isa", "packed_weight_size"}
 
 
 class HostEvent:
@@ -143,9 +159,142 @@ def kernel_tables(llm: LLM, prompts, decode_steps: int) -> tuple[str, str]:
     return tuple(p.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=70) for p in (prefill, decode))
 
 
+class KernelTimer:
+    """Times every call of a speedx._C kernel while on, in wall time and in this thread's CPU time: it
+    replaces them in speedx._C with timed wrappers (callers look them up there at each call), so it
+    must be installed before the model is built."""
+
+    def __init__(self):
+        from speedx import _C
+
+        self.names = [name for name, f in vars(_C).items()
+                      if callable(f) and not isinstance(f, type) and not name.startswith("_") and name not in NOT_KERNELS]
+        self.on = False
+        self.reset()
+        for name in self.names:
+            setattr(_C, name, self._timed(name, getattr(_C, name)))
+
+    def _timed(self, name, kernel):
+        @functools.wraps(kernel)
+        def timed(*args, **kwargs):
+            if not self.on:
+                return kernel(*args, **kwargs)
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return kernel(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - wall
+                self.thread_seconds += time.thread_time() - cpu
+                self.calls[name] += 1
+
+        return timed
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.names, 0.0)
+        self.thread_seconds = 0.0  # the calling thread's CPU time inside kernels
+        self.calls = dict.fromkeys(self.names, 0)
+
+
+def start_decoding(llm: LLM, prompt: list[int], batch: int) -> None:
+    """`batch` greedy requests of `prompt`, stepped until every one is decoding one token a step."""
+    engine = llm.engine
+    engine.pool.reset_prefix_cache()
+    for i in range(batch):
+        engine.add_request(f"steps-{batch}-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True))
+    while engine.step()[1].num_prefill_tokens:
+        pass
+    for _ in range(3):  # warm-up
+        engine.step()
+
+
+def time_decode_steps(llm: LLM, timer: KernelTimer | None, steps: int) -> dict:
+    """Per-step medians over `steps` decode steps: wall time, and with a timer the kernels' share and
+    the host's CPU time (this thread's CPU time outside the kernels: unlike wall time, it does not
+    grow while other processes hold the cores)."""
+    walls, kernel_walls, host_cpus, per_kernel = [], [], [], {name: [] for name in timer.names} if timer else {}
+    for _ in range(steps):
+        if timer:
+            timer.reset()
+            timer.on = True
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        _, stats = llm.engine.step()
+        walls.append(time.perf_counter() - start)
+        step_cpu = time.thread_time() - start_cpu
+        assert stats.num_prefill_tokens == 0, "a decode-step profile must not prefill"
+        if timer:
+            timer.on = False
+            kernel_walls.append(sum(timer.seconds.values()))
+            host_cpus.append(step_cpu - timer.thread_seconds)
+            for name in timer.names:
+                per_kernel[name].append((timer.seconds[name], timer.calls[name]))
+    row = {"wall_ms": 1e3 * statistics.median(walls)}
+    if timer:
+        row["kernels_ms"] = 1e3 * statistics.median(kernel_walls)
+        row["host_ms"] = 1e3 * statistics.median(w - k for w, k in zip(walls, kernel_walls))
+        row["host_cpu_ms"] = 1e3 * statistics.median(host_cpus)
+        row["per_kernel"] = {name: {"ms": 1e3 * statistics.median(s for s, _ in v), "calls": v[0][1]}
+                             for name, v in per_kernel.items() if v and v[0][1]}
+    return row
+
+
+def host_costs(llm: LLM, timer: KernelTimer | None, steps: int, top: int) -> list[dict]:
+    """The functions with the most own time (cProfile tottime) per decode step, kernels left out."""
+    kernels = set(timer.names) if timer else set()
+    with cProfile.Profile() as profiler:
+        for _ in range(steps):
+            llm.engine.step()
+    stats = pstats.Stats(profiler).stats
+    rows = []
+    for (file, line, name), (_, calls, own, _, _) in stats.items():
+        if name == "timed" or any(name.endswith(f".{k}>") for k in kernels):  # '<built-in method speedx._C.rms_norm>'
+            continue
+        where = name if file == "~" else f"{Path(file).name}:{line}({name})"
+        rows.append({"function": where, "calls_per_step": calls / steps, "us_per_step": 1e6 * own / steps})
+    return sorted(rows, key=lambda r: -r["us_per_step"])[:top]
+
+
+def decode_step_profiles(llm: LLM, timer: KernelTimer | None, batch_sizes: list[int], prompt_len: int, steps: int,
+                         top: int) -> list[dict]:
+    """For each batch size: decode-step wall time (untimed kernels), the same steps with the
+    kernels timed (wall = kernels + host), and the top host costs."""
+    prompt = chat_prompt(llm, prompt_len)
+    results = []
+    for batch in batch_sizes:
+        start_decoding(llm, prompt, batch)
+        plain = time_decode_steps(llm, None, steps)
+        timed = time_decode_steps(llm, timer, steps) if timer else {}
+        costs = host_costs(llm, timer, max(4, steps // 4), top)
+        llm.engine.abort_all()
+        results.append({"batch": batch, "prompt_tokens": len(prompt), "wall_ms": plain["wall_ms"], "timed": timed,
+                        "host_costs": costs})
+    return results
+
+
+def print_decode_step_profiles(results: list[dict]) -> None:
+    for r in results:
+        b, t = r["batch"], r["timed"]
+        print(f"\ndecode step, B={b} ({r['prompt_tokens']}-token prompt): {r['wall_ms']:.2f} ms wall = "
+              f"{b / r['wall_ms'] * 1e3:.1f} tok/s")
+        if t:
+            print(f"  with the kernels timed: {t['wall_ms']:.2f} ms = C++ kernels {t['kernels_ms']:.2f} ms "
+                  f"({t['kernels_ms'] / t['wall_ms']:.0%}) + host {t['host_ms']:.2f} ms (host CPU time "
+                  f"{t['host_cpu_ms']:.2f} ms)")
+            for name, k in sorted(t["per_kernel"].items(), key=lambda kv: -kv[1]["ms"]):
+                print(f"    {name:<24}{k['calls']:>5} calls {k['ms']:>8.2f} ms")
+        print(f"  top host costs per step under cProfile (inflated):")
+        for c in r["host_costs"]:
+            print(f"    {c['us_per_step']:>8.0f} us {c['calls_per_step']:>7.0f} calls  {c['function']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--phases", default=None,
+                        help="comma list of run, kernels, steps (default: run,kernels,steps on CUDA, steps on a CPU)")
+    parser.add_argument("--batch-sizes", default="1,64", help="steps phase: decode batch sizes")
+    parser.add_argument("--steps", type=int, default=40, help="steps phase: decode steps timed per batch size")
+    parser.add_argument("--step-prompt-len", type=int, default=80, help="steps phase: chat prompt tokens")
+    parser.add_argument("--top", type=int, default=15, help="steps phase: host costs listed")
     parser.add_argument("--workload", choices=["random", "fixed"], default="fixed")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=1024)
@@ -158,10 +307,36 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=8, help="eager decode steps under torch.profiler (0: none)")
     parser.add_argument("--out", default="bench/results/step_profile.json")
     args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    phases = set((args.phases or ("run,kernels,steps" if cuda else "steps")).split(","))
+    if phases - {"run", "kernels", "steps"}:
+        raise SystemExit(f"--phases: unknown {sorted(phases - {'run', 'kernels', 'steps'})}; expected run, kernels, steps")
 
+    timer = KernelTimer() if "steps" in phases and not cuda else None  # before the model is built
     llm = LLM(args.model, dtype="bfloat16", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_dtype=args.kv_cache_dtype, async_scheduling=False)  # steps one at a time: each span is its own
-    prompts, output_lens = make_workload(args, llm)
+    device = device_name("cuda" if cuda else "cpu")
+    report = {"device": device, "args": vars(args)}
+    if "steps" in phases:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        report["decode_steps"] = decode_step_profiles(llm, timer, batch_sizes, args.step_prompt_len, args.steps, args.top)
+        print(f"decode steps of {args.model} in bfloat16 on {device}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads")
+        print_decode_step_profiles(report["decode_steps"])
+    if phases & {"run", "kernels"}:
+        prompts, output_lens = make_workload(args, llm)
+    if "run" in phases:
+        report.update(workload_run(llm, args, prompts, output_lens, device))
+    if "kernels" in phases and args.profile_steps:
+        prefill_table, decode_table = kernel_tables(llm, prompts[: args.max_num_seqs], args.profile_steps)
+        print(f"\none prefill step:\n{prefill_table}\n{args.profile_steps} eager decode steps:\n{decode_table}")
+        report.update(prefill_kernels=prefill_table, decode_kernels=decode_table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+def workload_run(llm: LLM, args, prompts, output_lens, device: str) -> dict:
+    """The whole workload with every step timed; prints and returns the per-kind summary."""
     bandwidth, flops = measure_ceilings()
     model = llm.engine.runner.model
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
@@ -176,7 +351,6 @@ def main() -> None:
     total = time.perf_counter() - start
     rows = summarize(timer.records, total, weight_bytes, kv_per_token, params, bandwidth, flops)
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{args.workload}: {args.num_prompts} prompts, {sum(output_lens)} tokens out in {total:.1f} s = "
           f"{sum(output_lens) / total:.0f} tok/s on {device}; KV cache "
           f"{llm.engine.pool.num_blocks * llm.engine.pool.block_size} tokens; preempted "
@@ -185,14 +359,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['kind']:<8}{r['steps']:>7}{r['mean_seqs']:>7.0f}{r['wall_s']:>9.2f}{r['share_of_run']:>7.0%}"
               f"{r['host_outside_span_s']:>8.2f}{r['span_s']:>8.2f}{r['floor_s']:>9.2f}{r['floor_over_span']:>11.0%}")
-    prefill_table = decode_table = None
-    if args.profile_steps:
-        prefill_table, decode_table = kernel_tables(llm, prompts[: args.max_num_seqs], args.profile_steps)
-        print(f"\none prefill step:\n{prefill_table}\n{args.profile_steps} eager decode steps:\n{decode_table}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": device, "args": vars(args), "seconds": total,
-                                          "rows": rows, "steps": timer.records, "prefill_kernels": prefill_table, "decode_kernels": decode_table}, indent=1))
-
+    return {"seconds": total, "rows": rows, "steps": timer.records}
 
 if __name__ == "__main__":
     main()
