@@ -14,7 +14,7 @@ from speedx.engine.staging import Staging
 from speedx.engine.structured_output import GrammarMask
 from speedx.kernels.dispatch import use_triton
 from speedx.kernels.paged_attention import as_bytes
-from speedx.models.attention import AttentionMetadata, leading_decodes
+from speedx.models.attention import AttentionMetadata, HostMetadata, leading_decodes
 from speedx.models.llama import LlamaForCausalLM
 
 
@@ -104,8 +104,12 @@ class ModelRunner:
         )
         if follows is not None:
             ids = follows[0].tokens.index_select(0, ids)
+        host = None
+        if self.device.type == "cpu":  # the tensors share these arrays' memory (Staging.to_device)
+            host = HostMetadata(positions=pos.numpy(), slot_mapping=slots.numpy(), block_tables=tables.numpy(),
+                                kv_lens=lens.numpy(), decode_only=num_tokens == len(seqs))
         meta = AttentionMetadata(slot_mapping=slots, cu_seqlens_q=cu, kv_lens=lens, block_tables=tables,
-                                 num_decodes=leading_decodes(counts))  # the scheduler puts decodes first
+                                 num_decodes=leading_decodes(counts), host=host)  # the scheduler puts decodes first
         return ids, pos, meta, cu_seqlens
 
     @torch.inference_mode()
@@ -131,7 +135,9 @@ class ModelRunner:
                     rows_of.append((i, sample))
         if not last_rows:
             return PendingStep(len(seqs), [], None)
-        logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+        if last_rows != list(range(hidden.shape[0])):  # a decode step samples every row in order: no gather
+            hidden = hidden[torch.tensor(last_rows, device=self.device)]
+        logits = self.model.compute_logits(hidden)
         tokens = self._sample(logits, [(batch.sequences[i], sample) for i, sample in rows_of], ahead)
         return PendingStep(len(seqs), rows_of, tokens)
 

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from speedx import _C
 from speedx.kernels.dispatch import kernel_mode, rms_norm, silu_mul
 from speedx.kernels.layers_torch import rope_torch
 
@@ -33,18 +34,22 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, residual, mode=self.kernel_mode)
 
     def _fused_cpu(self, x: torch.Tensor, residual: torch.Tensor | None):
-        from speedx import _C
-
         x = x.contiguous()
         out = torch.empty_like(x)
         residual = None if residual is None else residual.contiguous()
         summed = None if residual is None else torch.empty_like(x)
+        self.norm_into_cpu(out, x, residual, summed, torch.get_num_threads())
+        return out if residual is None else (out, summed)
+
+    def norm_into_cpu(self, out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                      summed: torch.Tensor | None, num_threads: int) -> None:
+        """The C++ pass on contiguous CPU tensors of the weight's dtype: out = norm(x), or with a
+        residual summed = x + residual and out = norm(summed); summed may be residual itself."""
         _C.rms_norm(
             out.data_ptr(), 0 if residual is None else residual.data_ptr(), 0 if summed is None else summed.data_ptr(),
             x.data_ptr(), self.weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], self.eps, str(x.dtype),
-            torch.get_num_threads(),
+            num_threads,
         )
-        return out if residual is None else (out, summed)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -113,11 +118,16 @@ class SwiGLU(nn.Module):
             return self.down_proj(_silu_mul_cpu(gate_up, self.intermediate_size))
         return self.down_proj(silu_mul(gate_up, mode=self.kernel_mode))
 
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """forward's bf16 CPU path without module calls (LlamaForCausalLM.fused_cpu_step says when)."""
+        gate_up = self.gate_up_proj.forward(x)
+        if not getattr(self.gate_up_proj, "silu_mul", False):
+            gate_up = _silu_mul_cpu(gate_up, self.intermediate_size)
+        return self.down_proj.forward(gate_up)
+
 
 def _silu_mul_cpu(gate_up: torch.Tensor, intermediate_size: int) -> torch.Tensor:
     """F.silu(gate) * up in one C++ pass (csrc/cpu_activation.cpp), rounding where PyTorch does."""
-    from speedx import _C
-
     gate_up = gate_up.contiguous()
     out = gate_up.new_empty(*gate_up.shape[:-1], intermediate_size)
     _C.silu_mul_bf16(out.data_ptr(), gate_up.data_ptr(), out.numel() // intermediate_size, intermediate_size, torch.get_num_threads())

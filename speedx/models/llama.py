@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from speedx.models.attention import AttentionMetadata, PagedAttention
+from speedx.models.attention import AttentionMetadata, CpuStep, PagedAttention
 from speedx.models.config import ModelConfig
 from speedx.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
 
@@ -38,6 +38,19 @@ class DecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def forward_cpu(self, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata, step: CpuStep
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward on the bf16 CPU kernels with the step's scratch buffers; the residual stream is
+        updated in place (the first layer, residual None, takes `hidden` itself as the stream)."""
+        if residual is None:
+            residual = hidden
+            self.input_layernorm.norm_into_cpu(step.normed, hidden, None, None, step.num_threads)
+        else:
+            self.input_layernorm.norm_into_cpu(step.normed, hidden, residual, residual, step.num_threads)
+        hidden = self.self_attn.forward_cpu(step.normed, meta, step)
+        self.post_attention_layernorm.norm_into_cpu(step.normed, hidden, residual, residual, step.num_threads)
+        return self.mlp.forward_cpu(step.normed), residual
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, max_position: int):
@@ -54,9 +67,36 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Packed tokens [tokens] -> final hidden states [tokens, hidden]."""
         hidden, residual = self.embed_tokens(input_ids), None
+        if self.fused_cpu_step(hidden, meta):
+            return self._forward_cpu(hidden, meta)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)
         return self.norm(hidden, residual)[0]
+
+    def fused_cpu_step(self, hidden: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether this step takes _forward_cpu: a bf16 model and KV cache on the C++ CPU kernels, with
+        the step's metadata on the host. Every module would pick those same kernels itself."""
+        attn = self.layers[0].self_attn
+        return (meta.host is not None and hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16
+                and self.norm.weight.dtype == torch.bfloat16 and attn.k_cache.dtype == torch.bfloat16
+                and attn.kernel_mode != "triton")
+
+    def _forward_cpu(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """forward with the per-layer Python work taken out of the loop: the host metadata, thread
+        count and scratch buffers are set up once per step, the residual stream is updated in place,
+        and modules are entered through forward() (no nn.Module call machinery, no hooks)."""
+        c, tokens = self.config, hidden.shape[0]
+        step = CpuStep(
+            host=meta.host, num_threads=torch.get_num_threads(), normed=torch.empty_like(hidden),
+            q=hidden.new_empty(tokens, c.num_attention_heads, c.head_dim),
+            attn_out=hidden.new_empty(tokens, c.num_attention_heads, c.head_dim),
+        )
+        residual = None  # the embedding lookup's own output becomes the stream: free to update in place
+        for layer in self.layers:
+            hidden, residual = layer.forward_cpu(hidden, residual, meta, step)
+        out = torch.empty_like(hidden)
+        self.norm.norm_into_cpu(out, hidden, residual, residual, step.num_threads)
+        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # fp32 logits for sampling
