@@ -304,6 +304,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
+    parser.add_argument("--quantization", default=None, help="LLM(quantization=...) where given (default: the LLM's)")
     parser.add_argument("--profile-steps", type=int, default=8, help="eager decode steps under torch.profiler (0: none)")
     parser.add_argument("--out", default="bench/results/step_profile.json")
     args = parser.parse_args()
@@ -313,15 +314,16 @@ def main() -> None:
         raise SystemExit(f"--phases: unknown {sorted(phases - {'run', 'kernels', 'steps'})}; expected run, kernels, steps")
 
     timer = KernelTimer() if "steps" in phases and not cuda else None  # before the model is built
+    quantization = {} if args.quantization is None else {"quantization": args.quantization}
     llm = LLM(args.model, dtype="bfloat16", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_dtype=args.kv_cache_dtype, async_scheduling=False)  # steps one at a time: each span is its own
+              kv_cache_dtype=args.kv_cache_dtype, async_scheduling=False, **quantization)  # steps one at a time: each span is its own
     device = device_name("cuda" if cuda else "cpu")
     report = {"device": device, "args": vars(args)}
     if "steps" in phases:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
         report["decode_steps"] = decode_step_profiles(llm, timer, batch_sizes, args.step_prompt_len, args.steps, args.top)
-        print(f"decode steps of {args.model} in bfloat16 on {device}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads")
+        print(f"decode steps of {args.model} in bfloat16 (quantization {args.quantization or 'default'}) on {device}, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         print_decode_step_profiles(report["decode_steps"])
     if phases & {"run", "kernels"}:
         prompts, output_lens = make_workload(args, llm)
