@@ -200,26 +200,58 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("w"), py::arg("n"), py::arg("k"), py::arg("packed"), py::arg("num_threads"),
       "Packs a C-contiguous bf16 [n, k] weight (data_ptr) into packed_weight_size(n, k) bf16 elements.");
-  m.def(
-      "gemm_bf16_weight",
-      [](uintptr_t out, uintptr_t x, uintptr_t packed, uintptr_t bias, int64_t m, int64_t n, int64_t k,
-         const std::string& x_dtype, const std::string& out_dtype, int num_threads, bool silu_mul,
-         const std::string& isa) {
-        const speedx::Bf16WeightGemmArgs args{
-            reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x),
-            reinterpret_cast<const uint16_t*>(packed), reinterpret_cast<const float*>(bias), m, n, k,
-            speedx::parse_dtype(x_dtype, "gemm_bf16_weight"), speedx::parse_dtype(out_dtype, "gemm_bf16_weight"),
-            num_threads, speedx::parse_cpu_isa(isa, "gemm_bf16_weight"), silu_mul};
-        py::gil_scoped_release nogil;
-        speedx::gemm_bf16_weight(args);
-      },
-      py::arg("out"), py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("m"), py::arg("n"), py::arg("k"),
-      py::arg("x_dtype"), py::arg("out_dtype"), py::arg("num_threads"), py::arg("silu_mul") = false, py::kw_only(),
-      py::arg("_debug_isa") = "auto",
-      "out[m, n] = x[m, k] @ w.T (+ bias) with w packed by pack_bf16_weight, on CPU, GIL released.\n"
+  auto gemm = [](const char* kernel) {
+    return [kernel](uintptr_t out, uintptr_t x, uintptr_t packed, uintptr_t bias, int64_t m, int64_t n, int64_t k,
+                    const std::string& x_dtype, const std::string& out_dtype, int num_threads, bool silu_mul,
+                    const std::string& weight_format, const std::string& isa) {
+      const speedx::PackedWeightGemmArgs args{
+          reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(packed),
+          reinterpret_cast<const float*>(bias), m, n, k, speedx::parse_dtype(x_dtype, kernel),
+          speedx::parse_dtype(out_dtype, kernel), num_threads, speedx::parse_cpu_isa(isa, kernel), silu_mul,
+          speedx::parse_weight_format(weight_format, kernel)};
+      py::gil_scoped_release nogil;
+      speedx::gemm_packed_weight(args);
+    };
+  };
+  const char* gemm_doc =
+      "out[m, n] = x[m, k] @ w.T (+ bias) with w packed by pack_bf16_weight (weight_format 'bf16') or\n"
+      "pack_quant_weight ('q4_0', 'q4_1', 'q8_0'), on CPU, GIL released.\n"
       "out/x/packed/bias: data_ptr() of C-contiguous tensors (bias fp32 [n], or 0 for none); x and out\n"
       "'float32' or 'bfloat16'. silu_mul: SwiGLU epilogue, out [m, n / 2] (see cpu_gemm.h). _debug_isa\n"
-      "forces a narrower SIMD path ('avx2', 'baseline') for tests.");
+      "forces a narrower SIMD path ('avx2', 'baseline') for tests.";
+  for (const char* name : {"gemm_bf16_weight", "gemm_packed_weight"})
+    m.def(name, gemm(name), py::arg("out"), py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("m"),
+          py::arg("n"), py::arg("k"), py::arg("x_dtype"), py::arg("out_dtype"), py::arg("num_threads"),
+          py::arg("silu_mul") = false, py::kw_only(), py::arg("weight_format") = "bf16", py::arg("_debug_isa") = "auto",
+          gemm_doc);
+  m.def(
+      "packed_weight_bytes",
+      [](const std::string& weight_format, int64_t n, int64_t k) {
+        return speedx::packed_weight_bytes(speedx::parse_weight_format(weight_format, "packed_weight_bytes"), n, k);
+      },
+      py::arg("weight_format"), py::arg("n"), py::arg("k"),
+      "Bytes of the packed form of an [n, k] weight in weight_format ('bf16', 'q4_0', 'q4_1', 'q8_0').");
+  m.def(
+      "pack_quant_weight",
+      [](const std::string& weight_format, uintptr_t blocks, int64_t n, int64_t k, uintptr_t packed, int num_threads) {
+        const speedx::WeightFormat f = speedx::parse_weight_format(weight_format, "pack_quant_weight");
+        py::gil_scoped_release nogil;
+        speedx::pack_quant_weight(f, reinterpret_cast<const uint8_t*>(blocks), n, k, reinterpret_cast<uint8_t*>(packed),
+                                  num_threads);
+      },
+      py::arg("weight_format"), py::arg("blocks"), py::arg("n"), py::arg("k"), py::arg("packed"), py::arg("num_threads"),
+      "Packs a GGUF tensor's raw blocks (data_ptr; n rows of k / 32 blocks of 'q4_0', 'q4_1' or 'q8_0')\n"
+      "into packed_weight_bytes(weight_format, n, k) bytes for gemm_packed_weight.");
+  m.def(
+      "fma_peak_gflops",
+      [](const std::string& isa, int num_threads) {
+        const speedx::CpuIsa i = speedx::parse_cpu_isa(isa, "fma_peak_gflops");
+        py::gil_scoped_release nogil;
+        return speedx::fma_peak_gflops(i, num_threads);
+      },
+      py::arg("isa") = "auto", py::arg("num_threads") = 1,
+      "Measured fp32 FMA peak in GFLOP/s of the 'avx512' / 'avx2' / 'baseline' path on num_threads threads\n"
+      "(register-only FMA chains, best of 30); the yardstick for bench/cpu_matmul.py.");
   m.def(
       "rms_norm",
       [](uintptr_t out, uintptr_t residual, uintptr_t residual_out, uintptr_t x, uintptr_t weight, int64_t m,
@@ -293,5 +325,5 @@ PYBIND11_MODULE(_C, m) {
       "RoPE on the q and k of a fused bf16 QKV output; q to q_out, k and v to their cache slots (cpu_rope.h).\n"
       "Tensors as data_ptr() of C-contiguous tensors; positions and slots int64 numpy arrays.");
   m.def("cpu_isa", [] { return speedx::cpu_isa_name(speedx::best_cpu_isa()); },
-        "SIMD path the CPU kernels (paged_decode_attention, gemm_bf16_weight) use here: 'avx512', 'avx2' or 'baseline'.");
+        "SIMD path the CPU kernels (paged_decode_attention, gemm_packed_weight) use here: 'avx512', 'avx2' or 'baseline'.");
 }

@@ -1,15 +1,20 @@
-// bf16-weight matmul on CPU (see cpu_gemm.h). The work is split into (row block, weight panel)
-// pairs handed out to threads in one static sweep; within a pair, register tiles of R rows x 32
-// columns run the whole k loop:
-//   per k: one 64-byte panel row -> 32 fp32 weights (a shift and an and per W bf16 pairs: even
-//          columns in one vector, odd in the next), then for each of the R rows a broadcast of
-//          x[r, k] and 32/W FMAs into the tile's accumulators;
+// Packed-weight matmul on CPU (see cpu_gemm.h). The work is split into (row block, weight panel)
+// pairs handed out to threads in one static sweep; within a pair, register tiles of R rows x C
+// columns (C = 32, a whole panel, or a slice of it where the register file is small) run the whole
+// k loop:
+//   per k: the tile's slice of one panel row -> C fp32 weights (bf16: a shift and an and per W bf16
+//          pairs, even columns in one vector, odd in the next; quantized: widen the quants, times
+//          the block's scale, plus its minimum), then for each of the R rows a broadcast of x[r, k]
+//          and C/W FMAs into the tile's accumulators;
 //   at the end: + bias, round (bf16) or re-interleave (fp32), store; or, for SwiGLU, silu(gate) * up
 //   of each (even, odd) column pair.
-// x is converted to fp32 once per call, each tile's rows interleaved. SIMD: see cpu_simd.h.
+// The weight format is a policy (Format<F, W> below): the tiles, the threading and the epilogue are
+// shared. x is converted to fp32 once per call, each tile's rows interleaved. SIMD: see cpu_simd.h.
 #include "cpu_gemm.h"
 
 #include <algorithm>
+#include <cctype>
+#include <chrono>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -25,12 +30,137 @@ namespace {
 using namespace simd;
 
 constexpr int P = kGemmPanel;
+constexpr int QB = kQuantBlock;
+constexpr int64_t kPrefetchBytes = 1024;  // how far ahead in a panel to prefetch
 
-// Rows per register tile: R * 32/W accumulators plus 32/W weight vectors must fit in the register
-// file (32 zmm for AVX-512, 16 ymm / xmm otherwise).
-template <int W> constexpr int kTileRows = W == 16 ? 12 : W == 8 ? 3 : 1;
+// First lane of vector g of a panel row in lane order (cpu_gemm.h): vectors alternate even and odd
+// columns, W each, so vector g holds columns (g / 2) * 2W + 2l + g % 2.
+template <int W> constexpr int lane0(int g) { return (g % 2) * (P / 2) + (g / 2) * W; }
+
+// W fp16 bit patterns -> fp32, exactly (as to_f32(f16) in cpu_simd.h, on vectors).
+template <int W>
+SPEEDX_INLINE typename Vec<W>::f half_to_float(const uint8_t* src) {
+  using U = typename Vec<W>::u;
+  using I = typename Vec<W>::i;
+  typename Vec<W>::h h;
+  std::memcpy(&h, src, sizeof h);
+  const U x = __builtin_convertvector(h, U), sign = (x & 0x8000u) << 16, em = x & 0x7fffu;
+  const U normal = ((em << 13) + (112u << 23)) | ((U)(em >= 0x7c00u) & 0x7f800000u);
+  const U sub = (U)(__builtin_convertvector((I)em, typename Vec<W>::f) * 0x1p-24f), is_sub = (U)(em < 0x400u);
+  return (typename Vec<W>::f)((sub & is_sub) | (normal & ~is_sub) | sign);
+}
+
+// A weight format's side of the kernel. Block<G, V> reads the vectors G .. G+V-1 of a panel:
+// constructed at the start of each block of kBlockK k values (loading its scales), then weights()
+// gives the V fp32 weight vectors of k = kb + kk.
+template <WeightFormat F, int W> struct Format;
+
+template <int W> struct Format<WeightFormat::kBf16, W> {
+  using Fv = typename Vec<W>::f;
+  static constexpr int kBlockK = 1;
+  static constexpr int64_t kRowBytes = P * 2;  // bytes per k of a panel
+  static int64_t panel_bytes(int64_t k) { return k * kRowBytes; }
+  template <int G, int V> struct Block {
+    const uint8_t* row;
+    SPEEDX_INLINE Block(const uint8_t* panel, int64_t kb) : row(panel + kb * kRowBytes) {}
+    SPEEDX_INLINE void weights(int, Fv (&w)[V]) const {
+#pragma GCC unroll 8
+      for (int v = 0; v < V; v += 2) {
+        typename Vec<W>::u pairs;
+        std::memcpy(&pairs, row + (G + v) * W * 2, sizeof pairs);
+        w[v] = (Fv)(pairs << 16);
+        w[v + 1] = (Fv)(pairs & 0xffff0000u);
+      }
+    }
+  };
+};
+
+template <WeightFormat F, int W> struct Format {
+  using Fv = typename Vec<W>::f;
+  using I = typename Vec<W>::i;
+  using U = typename Vec<W>::u;
+  static constexpr bool kQ8 = F == WeightFormat::kQ8_0, kMin = F == WeightFormat::kQ4_1;
+  static constexpr int kPerWord = kQ8 ? 4 : 8;                          // k values per 32-bit word
+  static constexpr int kHeader = (kMin ? 2 : 1) * P * 2;               // fp16 scales (+ minimums)
+  static constexpr int64_t kBlockBytes = kHeader + QB / kPerWord * P * 4;  // per block of 32 k
+  static constexpr int kBlockK = QB;
+  static constexpr int64_t kRowBytes = kBlockBytes / QB;
+  static int64_t panel_bytes(int64_t k) { return k / QB * kBlockBytes; }
+  template <int G, int V> struct Block {
+    const uint8_t* q;
+    Fv d[V], mn[V];  // w = q * d + mn: Q4_0's mn = -8 d (exact, as gguf's d * (q - 8)), Q8_0's 0
+    SPEEDX_INLINE Block(const uint8_t* panel, int64_t kb) {
+      const uint8_t* block = panel + kb / QB * kBlockBytes;
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        d[v] = half_to_float<W>(block + lane0<W>(G + v) * 2);
+        if constexpr (kMin) mn[v] = half_to_float<W>(block + P * 2 + lane0<W>(G + v) * 2);
+        else mn[v] = d[v] * -8.0f;
+      }
+      q = block + kHeader;
+    }
+    // Word e of group kk / kPerWord holds lane e's quants for kPerWord k in a row: one shift and one
+    // mask (Q8: two shifts) give a lane vector, with no byte-widening shuffles.
+    SPEEDX_INLINE void weights(int kk, Fv (&w)[V]) const {
+      const uint8_t* group = q + kk / kPerWord * P * 4;
+      const int j = kk % kPerWord;
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        U u;
+        std::memcpy(&u, group + lane0<W>(G + v) * 4, sizeof u);
+        if constexpr (kQ8) {
+          w[v] = __builtin_convertvector((I)(u << (24 - 8 * j)) >> 24, Fv) * d[v];
+        } else {  // d * q is exact, so this rounds once, as gguf's (d * q) + m does
+          w[v] = __builtin_convertvector((I)((u >> (4 * j)) & 15u), Fv) * d[v] + mn[v];
+        }
+      }
+    }
+  };
+};
+
+// A quantized panel dequantized to fp32 (dequantize_panel), each k's 32 columns in lane order: when a
+// row block has several tiles, they all run on it instead of each dequantizing the blocks again.
+template <int W> struct DequantizedPanel {
+  using Fv = typename Vec<W>::f;
+  static constexpr int kBlockK = 1;
+  static constexpr int64_t kRowBytes = P * 4;
+  template <int G, int V> struct Block {
+    const uint8_t* row;
+    SPEEDX_INLINE Block(const uint8_t* panel, int64_t kb) : row(panel + kb * kRowBytes) {}
+    SPEEDX_INLINE void weights(int, Fv (&w)[V]) const {
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) std::memcpy(&w[v], row + lane0<W>(G + v) * 4, sizeof w[v]);
+    }
+  };
+};
+
+template <WeightFormat F, int W>
+SPEEDX_INLINE void dequantize_panel(const uint8_t* panel, int64_t K, float* out, const uint8_t* next_panel) {
+  using Fmt = Format<F, W>;
+  constexpr int V = P / W;
+  for (int64_t kb = 0; kb < K; kb += QB) {
+    const typename Fmt::template Block<0, V> block(panel, kb);
+#pragma GCC unroll 8
+    for (int kk = 0; kk < QB; ++kk) {
+      __builtin_prefetch(panel + (kb + kk) * Fmt::kRowBytes + kPrefetchBytes);
+      if (next_panel) __builtin_prefetch(next_panel + (kb + kk) * Fmt::kRowBytes, 0, 2);
+      typename Vec<W>::f w[V];
+      block.weights(kk, w);
+      for (int v = 0; v < V; ++v) std::memcpy(out + (kb + kk) * P + lane0<W>(v), &w[v], sizeof w[v]);
+    }
+  }
+}
+
+// Register tile shape per SIMD width: R rows x C columns. R * C/W accumulators, C/W weight vectors
+// and a broadcast must fit the register file (32 zmm for AVX-512, 16 ymm / xmm otherwise); AVX2
+// takes half a panel so that R can be 6 (12 x 32 in 16 ymm would spill). A quantized format's scale
+// vectors spill there, but only in single-tile blocks (m <= R), which wait on memory anyway.
+template <int W> struct TileShape {
+  static constexpr int R = W == 16 ? 12 : W == 8 ? 6 : 3;
+  static constexpr int C = W == 16 ? 32 : W == 8 ? 16 : 8;
+};
 // Rows per block: the block's fp32 x rows stay in L2 while every panel streams past them.
-template <int W> constexpr int64_t kBlockRows = 16 * kTileRows<W>;
+constexpr int64_t kBlockTiles = 16;
 
 // A block of `rows` rows splits into as few tiles of at most `tile_rows` rows as possible, of
 // sizes that differ by at most one (64 rows: 11,11,11,11,10,10, not 12 x 5 + 4): short tiles waste
@@ -42,11 +172,11 @@ SPEEDX_INLINE TileSpan tile_span(int64_t rows, int64_t tile_rows, int64_t i) {
   return {i * base + std::min(i, extra), base + (i < extra ? 1 : 0)};
 }
 
-constexpr int64_t kPrefetchRows = 16;  // panel rows (64 bytes each) to prefetch ahead
-
 struct Job {
-  const Bf16WeightGemmArgs& a;
-  const float* x;  // fp32; a tile of R rows from row m0 is [k][R] at x + m0 * k (see gemm_bf16_weight)
+  const PackedWeightGemmArgs& a;
+  const float* x;  // fp32; a tile of R rows from row m0 is [k][R] at x + m0 * k (see gemm_packed_weight)
+  const uint8_t* packed;
+  int64_t panel_bytes;
 };
 
 // Columns 2l of a 2W-column group in `even`, 2l+1 in `odd` -> the group's first (Half = 0) or
@@ -56,15 +186,16 @@ SPEEDX_INLINE F interleave(const F& even, const F& odd, std::integer_sequence<in
   return shuffle<W>(even, odd, std::integer_sequence<int, (I % 2 ? W : 0) + Half * W / 2 + (I / 2)...>{});
 }
 
-// acc[r][v] of a tile: + bias, then rounded to bf16 or re-interleaved to fp32 columns, or, for
-// SwiGLU, silu(gate) * up of each (even, odd) column pair; a panel cut short by n goes via a stage.
-template <int W, int R>
-SPEEDX_INLINE void store(const Bf16WeightGemmArgs& a, const typename Vec<W>::f (&acc)[R][P / W], int64_t p,
+// acc[r][v] of a tile of C columns from column n0: + bias, then rounded to bf16 or re-interleaved
+// to fp32 columns, or, for SwiGLU, silu(gate) * up of each (even, odd) column pair; a tile cut
+// short by n goes via a stage.
+template <int W, int R, int C>
+SPEEDX_INLINE void store(const PackedWeightGemmArgs& a, const typename Vec<W>::f (&acc)[R][C / W], int64_t n0,
                          int64_t m0) {
   using F = typename Vec<W>::f;
   using U = typename Vec<W>::u;
-  constexpr int V = P / W;
-  const int64_t n0 = p * P, cols = std::min<int64_t>(P, a.n - n0);
+  constexpr int V = C / W;
+  const int64_t cols = std::min<int64_t>(C, a.n - n0);
   F bias[V] = {};
   if (a.bias)
     for (int v = 0; v < V; ++v)
@@ -72,24 +203,24 @@ SPEEDX_INLINE void store(const Bf16WeightGemmArgs& a, const typename Vec<W>::f (
         const int64_t c = (v / 2) * 2 * W + 2 * l + v % 2;
         bias[v][l] = c < cols ? a.bias[n0 + c] : 0.0f;
       }
-  if (a.silu_mul) {  // even columns: gate, odd: up (see cpu_gemm.h); P / 2 outputs per panel
+  if (a.silu_mul) {  // even columns: gate, odd: up (see cpu_gemm.h); C / 2 outputs per tile
     const int64_t n_out = a.n / 2;
     for (int r = 0; r < R; ++r) {
-      alignas(64) uint16_t row16[P / 2];
-      uint16_t* dst = cols == P ? static_cast<uint16_t*>(a.out) + (m0 + r) * n_out + n0 / 2 : row16;
+      alignas(64) uint16_t row16[C / 2];
+      uint16_t* dst = cols == C ? static_cast<uint16_t*>(a.out) + (m0 + r) * n_out + n0 / 2 : row16;
       for (int v = 0; v < V; v += 2) {
         const F gate = round_bf16<W>(acc[r][v] + bias[v]), up = round_bf16<W>(acc[r][v + 1] + bias[v + 1]);
         const typename Vec<W>::h out = bf16_bits<W>(swiglu_bf16<W>(gate, up));
         std::memcpy(dst + v / 2 * W, &out, sizeof out);
       }
-      if (cols < P) std::copy(row16, row16 + cols / 2, static_cast<uint16_t*>(a.out) + (m0 + r) * n_out + n0 / 2);
+      if (cols < C) std::copy(row16, row16 + cols / 2, static_cast<uint16_t*>(a.out) + (m0 + r) * n_out + n0 / 2);
     }
     return;
   }
   for (int r = 0; r < R; ++r) {
-    alignas(64) uint16_t row16[P];  // staging for a panel cut short by n
-    alignas(64) float row32[P];
-    const bool whole = cols == P;
+    alignas(64) uint16_t row16[C];  // staging for a tile cut short by n
+    alignas(64) float row32[C];
+    const bool whole = cols == C;
     if (a.out_dtype == DType::kBFloat16) {
       uint16_t* dst = whole ? static_cast<uint16_t*>(a.out) + (m0 + r) * a.n + n0 : row16;
       for (int v = 0; v < V; v += 2) {
@@ -111,85 +242,129 @@ SPEEDX_INLINE void store(const Bf16WeightGemmArgs& a, const typename Vec<W>::f (
   }
 }
 
-// Rows m0 .. m0+R-1 of one panel: out[m0 + r, 32p + c] for c < min(32, n - 32p).
-template <int W, int R>
-SPEEDX_INLINE void tile(const Job& job, int64_t p, int64_t m0, const uint16_t* next_panel) {
+// Rows m0 .. m0+R-1 of columns [32p + c0, 32p + c0 + C) (those < n): c0 = G * W.
+template <class Fmt, int W, int R, int C, int G>
+SPEEDX_INLINE void tile(const Job& job, const uint8_t* panel, int64_t p, int64_t m0, const uint8_t* next_panel) {
   using F = typename Vec<W>::f;
-  using U = typename Vec<W>::u;
-  constexpr int V = P / W;  // fp32 vectors per panel row: pairs (even columns, odd columns)
-  const Bf16WeightGemmArgs& a = job.a;
-  const int64_t K = a.k;
+  constexpr int V = C / W;  // fp32 vectors of the tile's columns: pairs (even columns, odd columns)
+  const int64_t K = job.a.k;
   const float* x = job.x + m0 * K;  // [K][R]: this tile's rows, interleaved
-  const uint16_t* panel = a.packed + p * K * P;
 
   F acc[R][V] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    __builtin_prefetch(panel + (k + kPrefetchRows) * P);  // weights come from memory: ask early
-    if (next_panel) __builtin_prefetch(next_panel + k * P, 0, 2);  // into L2, a whole panel early
-    F w[V];
+  for (int64_t kb = 0; kb < K; kb += Fmt::kBlockK) {
+    const typename Fmt::template Block<G, V> block(panel, kb);
 #pragma GCC unroll 8
-    for (int v = 0; v < V; v += 2) {
-      U pairs;
-      std::memcpy(&pairs, panel + k * P + v * W, sizeof pairs);
-      w[v] = (F)(pairs << 16);
-      w[v + 1] = (F)(pairs & 0xffff0000u);
-    }
+    for (int kk = 0; kk < Fmt::kBlockK; ++kk) {
+      const int64_t k = kb + kk;
+      __builtin_prefetch(panel + k * Fmt::kRowBytes + kPrefetchBytes);  // weights come from memory: ask early
+      if (next_panel) __builtin_prefetch(next_panel + k * Fmt::kRowBytes, 0, 2);  // into L2, a panel early
+      F w[V];
+      block.weights(kk, w);
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const float xr = x[k * R + r];  // scalar * vector: an embedded broadcast
+      for (int r = 0; r < R; ++r) {
+        const float xr = x[k * R + r];  // scalar * vector: a broadcast
 #pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) acc[r][v] += xr * w[v];
+        for (int v = 0; v < V; ++v) acc[r][v] += xr * w[v];
+      }
     }
   }
-
-  store<W, R>(a, acc, p, m0);
+  store<W, R, C>(job.a, acc, p * P + G * W, m0);
 }
 
-// The instantiation for a tile of exactly `rows` (1 .. R) rows.
-template <int W, int R>
-SPEEDX_INLINE void any_tile(const Job& job, int64_t p, int64_t m0, int64_t rows, const uint16_t* next_panel) {
+// Every column slice of the panel (those that start before n) for a tile of exactly `rows` (1 .. R) rows.
+template <class Fmt, int W, int R, int C, int G = 0>
+SPEEDX_INLINE void slices(const Job& job, const uint8_t* panel, int64_t p, int64_t m0, const uint8_t* next_panel) {
+  if constexpr (G * W < P) {
+    if (p * P + G * W >= job.a.n) return;
+    tile<Fmt, W, R, C, G>(job, panel, p, m0, next_panel);
+    slices<Fmt, W, R, C, G + C / W>(job, panel, p, m0, nullptr);
+  }
+}
+template <class Fmt, int W, int R, int C>
+SPEEDX_INLINE void any_tile(const Job& job, const uint8_t* panel, int64_t p, int64_t m0, int64_t rows,
+                            const uint8_t* next_panel) {
   if constexpr (R > 0) {
-    if (rows == R) tile<W, R>(job, p, m0, next_panel);
-    else any_tile<W, R - 1>(job, p, m0, rows, next_panel);
+    if (rows == R) slices<Fmt, W, R, C>(job, panel, p, m0, next_panel);
+    else any_tile<Fmt, W, R - 1, C>(job, panel, p, m0, rows, next_panel);
   }
 }
 
-template <int W>
+std::vector<float>& dequant_scratch() {
+  thread_local std::vector<float> buf;  // one dequantized panel per thread, reused
+  return buf;
+}
+
+template <WeightFormat F, int W>
 SPEEDX_INLINE void block(const Job& job, int64_t p, int64_t m0, int64_t m1) {
-  for (int64_t i = 0, n = tile_count(m1 - m0, kTileRows<W>); i < n; ++i) {
-    const TileSpan t = tile_span(m1 - m0, kTileRows<W>, i);
-    // The first tile of a panel also pulls the next panel into L2: in a model's step the weights
-    // come from DRAM, and the short prefetch above alone leaves that tile waiting on it.
-    const bool ahead = i == 0 && m0 == 0 && p + 1 < (job.a.n + P - 1) / P;
-    any_tile<W, kTileRows<W>>(job, p, m0 + t.start, t.size, ahead ? job.a.packed + (p + 1) * job.a.k * P : nullptr);
+  using S = TileShape<W>;
+  const int64_t tiles = tile_count(m1 - m0, S::R);
+  const uint8_t* panel = job.packed + p * job.panel_bytes;
+  // The first tile of a panel also pulls the next panel into L2: in a model's step the weights come
+  // from DRAM, and the short prefetch in tile() alone leaves that tile waiting on it.
+  const uint8_t* next = m0 == 0 && p + 1 < (job.a.n + P - 1) / P ? panel + job.panel_bytes : nullptr;
+  if constexpr (F != WeightFormat::kBf16) {
+    if (tiles > 1) {  // dequantize once for all the tiles
+      std::vector<float>& buf = dequant_scratch();
+      buf.resize(size_t(job.a.k * P));
+      dequantize_panel<F, W>(panel, job.a.k, buf.data(), next);
+      for (int64_t i = 0; i < tiles; ++i) {
+        const TileSpan t = tile_span(m1 - m0, S::R, i);
+        any_tile<DequantizedPanel<W>, W, S::R, S::C>(job, reinterpret_cast<const uint8_t*>(buf.data()), p,
+                                                     m0 + t.start, t.size, nullptr);
+      }
+      return;
+    }
+  }
+  for (int64_t i = 0; i < tiles; ++i) {
+    const TileSpan t = tile_span(m1 - m0, S::R, i);
+    any_tile<Format<F, W>, W, S::R, S::C>(job, panel, p, m0 + t.start, t.size, i == 0 ? next : nullptr);
   }
 }
 
-// Entry points, one per ISA level. The OpenMP region stays outside them: GCC outlines a parallel
-// region into a separate function that would not inherit the target.
+// Entry points, one per (format, ISA level). The OpenMP region stays outside them: GCC outlines a
+// parallel region into a separate function that would not inherit the target.
 using BlockFn = void (*)(const Job&, int64_t, int64_t, int64_t);
-struct Kernel { BlockFn fn; int64_t tile_rows, block_rows; };
+struct Kernel { BlockFn fn; int64_t tile_rows; };
 
-void block_baseline(const Job& j, int64_t p, int64_t m0, int64_t m1) { block<4>(j, p, m0, m1); }
+template <WeightFormat F> void block_baseline(const Job& j, int64_t p, int64_t m0, int64_t m1) { block<F, 4>(j, p, m0, m1); }
 #ifdef SPEEDX_X86_ISAS
-__attribute__((target("arch=x86-64-v3"))) void block_avx2(const Job& j, int64_t p, int64_t m0, int64_t m1) {
-  block<8>(j, p, m0, m1);
+template <WeightFormat F> __attribute__((target("arch=x86-64-v3"))) void block_avx2(const Job& j, int64_t p, int64_t m0, int64_t m1) {
+  block<F, 8>(j, p, m0, m1);
 }
-__attribute__((target("arch=x86-64-v4"))) void block_avx512(const Job& j, int64_t p, int64_t m0, int64_t m1) {
-  block<16>(j, p, m0, m1);
+template <WeightFormat F> __attribute__((target("arch=x86-64-v4"))) void block_avx512(const Job& j, int64_t p, int64_t m0, int64_t m1) {
+  block<F, 16>(j, p, m0, m1);
 }
 #endif
 
+template <WeightFormat F>
 Kernel pick(CpuIsa isa) {
 #ifdef SPEEDX_X86_ISAS
-  if (isa == CpuIsa::kAvx512) return {block_avx512, kTileRows<16>, kBlockRows<16>};
-  if (isa == CpuIsa::kAvx2) return {block_avx2, kTileRows<8>, kBlockRows<8>};
+  if (isa == CpuIsa::kAvx512) return {block_avx512<F>, TileShape<16>::R};
+  if (isa == CpuIsa::kAvx2) return {block_avx2<F>, TileShape<8>::R};
 #endif
   (void)isa;
-  return {block_baseline, kTileRows<4>, kBlockRows<4>};
+  return {block_baseline<F>, TileShape<4>::R};
 }
 
-void fail(const std::string& msg) { throw std::invalid_argument("gemm_bf16_weight: " + msg); }
+Kernel pick(WeightFormat f, CpuIsa isa) {
+  switch (f) {
+    case WeightFormat::kQ4_0: return pick<WeightFormat::kQ4_0>(isa);
+    case WeightFormat::kQ4_1: return pick<WeightFormat::kQ4_1>(isa);
+    case WeightFormat::kQ8_0: return pick<WeightFormat::kQ8_0>(isa);
+    default: return pick<WeightFormat::kBf16>(isa);
+  }
+}
+
+int64_t panel_bytes(WeightFormat f, int64_t k) {
+  switch (f) {
+    case WeightFormat::kQ4_0: return Format<WeightFormat::kQ4_0, 4>::panel_bytes(k);
+    case WeightFormat::kQ4_1: return Format<WeightFormat::kQ4_1, 4>::panel_bytes(k);
+    case WeightFormat::kQ8_0: return Format<WeightFormat::kQ8_0, 4>::panel_bytes(k);
+    default: return Format<WeightFormat::kBf16, 4>::panel_bytes(k);
+  }
+}
+
+void fail(const std::string& msg) { throw std::invalid_argument("gemm_packed_weight: " + msg); }
 
 template <typename T>
 void pack_row(float* dst, const T* src, int64_t k, int64_t stride) {
@@ -201,9 +376,35 @@ std::vector<float>& x_scratch() {
   return buf;
 }
 
+void check_quant_shape(WeightFormat f, int64_t n, int64_t k, const std::string& kernel) {
+  if (n < 1 || k < 1) throw std::invalid_argument(kernel + ": n and k must be >= 1");
+  if (f != WeightFormat::kBf16 && k % QB)
+    throw std::invalid_argument(kernel + ": a quantized weight needs k a multiple of 32 (GGUF blocks), got k=" +
+                                std::to_string(k));
+}
+
 }  // namespace
 
+WeightFormat parse_weight_format(const std::string& name, const std::string& kernel) {
+  std::string n = name;
+  for (char& c : n) c = char(std::tolower(static_cast<unsigned char>(c)));
+  if (n == "bf16" || n == "bfloat16") return WeightFormat::kBf16;
+  if (n == "q4_0") return WeightFormat::kQ4_0;
+  if (n == "q4_1") return WeightFormat::kQ4_1;
+  if (n == "q8_0") return WeightFormat::kQ8_0;
+  throw std::invalid_argument(kernel + ": weight format must be 'bf16', 'q4_0', 'q4_1' or 'q8_0', got '" + name + "'");
+}
+
+int64_t gguf_block_bytes(WeightFormat f) {
+  return f == WeightFormat::kQ8_0 ? 34 : f == WeightFormat::kQ4_1 ? 20 : f == WeightFormat::kQ4_0 ? 18 : 64;
+}
+
 int64_t packed_weight_size(int64_t n, int64_t k) { return (n + P - 1) / P * P * k; }
+
+int64_t packed_weight_bytes(WeightFormat f, int64_t n, int64_t k) {
+  check_quant_shape(f, n, k, "packed_weight_bytes");
+  return (n + P - 1) / P * panel_bytes(f, k);
+}
 
 void pack_bf16_weight(const uint16_t* w, int64_t n, int64_t k, uint16_t* packed, int num_threads) {
   if (n < 1 || k < 1) throw std::invalid_argument("pack_bf16_weight: n and k must be >= 1");
@@ -220,7 +421,43 @@ void pack_bf16_weight(const uint16_t* w, int64_t n, int64_t k, uint16_t* packed,
   }
 }
 
-void gemm_bf16_weight(const Bf16WeightGemmArgs& a) {
+void pack_quant_weight(WeightFormat f, const uint8_t* blocks, int64_t n, int64_t k, uint8_t* packed,
+                       int num_threads) {
+  if (f == WeightFormat::kBf16) throw std::invalid_argument("pack_quant_weight: bf16 weights go to pack_bf16_weight");
+  check_quant_shape(f, n, k, "pack_quant_weight");
+  if (!blocks || !packed) throw std::invalid_argument("pack_quant_weight: null data pointer");
+  const bool q8 = f == WeightFormat::kQ8_0, has_min = f == WeightFormat::kQ4_1;
+  const int per_word = q8 ? 4 : 8, bits = q8 ? 8 : 4;
+  const int64_t src_bytes = gguf_block_bytes(f), dst_bytes = panel_bytes(f, QB), header = (has_min ? 2 : 1) * P * 2;
+  const int64_t panels = (n + P - 1) / P, kblocks = k / QB;
+  (void)num_threads;
+#pragma omp parallel for num_threads(std::max(1, num_threads)) schedule(static)
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t b = 0; b < kblocks; ++b) {
+      uint8_t* dst = packed + (p * kblocks + b) * dst_bytes;
+      std::memset(dst, 0, size_t(dst_bytes));  // columns past n: scale 0, so weight 0
+      for (int e = 0; e < P; ++e) {  // lane e <- column 2e (e < 16) or 2(e - 16) + 1
+        const int64_t row = p * P + (e < P / 2 ? 2 * e : 2 * (e - P / 2) + 1);
+        if (row >= n) continue;
+        const uint8_t* src = blocks + (row * kblocks + b) * src_bytes;
+        std::memcpy(dst + e * 2, src, 2);                           // d
+        if (has_min) std::memcpy(dst + P * 2 + e * 2, src + 2, 2);  // m
+        const uint8_t* qs = src + (has_min ? 4 : 2);
+        for (int i = 0; i < QB; ++i) {
+          // GGUF Q4: value i < 16 in the low nibble of byte i, value 16 + i in its high nibble.
+          const uint32_t v = q8 ? qs[i] : i < QB / 2 ? qs[i] & 15 : qs[i - QB / 2] >> 4;
+          uint8_t* word = dst + header + (i / per_word * P + e) * 4;  // word e of group i / per_word
+          uint32_t bits_now;
+          std::memcpy(&bits_now, word, 4);
+          bits_now |= v << (bits * (i % per_word));
+          std::memcpy(word, &bits_now, 4);
+        }
+      }
+    }
+  }
+}
+
+void gemm_packed_weight(const PackedWeightGemmArgs& a) {
   if (a.m < 0 || a.n < 1 || a.k < 1)
     fail("need m >= 0, n >= 1, k >= 1; got m=" + std::to_string(a.m) + ", n=" + std::to_string(a.n) +
          ", k=" + std::to_string(a.k));
@@ -229,14 +466,15 @@ void gemm_bf16_weight(const Bf16WeightGemmArgs& a) {
   if (a.num_threads < 1) fail("num_threads must be >= 1");
   if (a.silu_mul && (a.n % 2 || a.out_dtype != DType::kBFloat16))
     fail("the silu_mul epilogue needs an even n (gate and up rows interleaved) and a bfloat16 out");
+  check_quant_shape(a.format, a.n, a.k, "gemm_packed_weight");
   if (a.m == 0) return;
   if (!a.out || !a.x || !a.packed) fail("null data pointer");
 
-  const Kernel kernel = pick(a.isa == CpuIsa::kAuto ? best_cpu_isa() : a.isa);
-  const int64_t R = kernel.tile_rows, B = kernel.block_rows, K = a.k;
+  const Kernel kernel = pick(a.format, a.isa == CpuIsa::kAuto ? best_cpu_isa() : a.isa);
+  const int64_t R = kernel.tile_rows, B = kBlockTiles * R, K = a.k;
   std::vector<float>& x = x_scratch();
   x.resize(size_t(a.m * K));
-  const Job job{a, x.data()};
+  const Job job{a, x.data(), static_cast<const uint8_t*>(a.packed), panel_bytes(a.format, K)};
   const int64_t panels = (a.n + P - 1) / P, blocks = (a.m + B - 1) / B;
   const int64_t work = panels * blocks, tiles = (blocks - 1) * tile_count(B, R) + tile_count(a.m - (blocks - 1) * B, R);
   [[maybe_unused]] const int nt = int(std::min<int64_t>(a.num_threads, work));
