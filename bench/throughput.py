@@ -206,6 +206,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "gguf", "none"],
+                        help="LLM(quantization=): auto/gguf keep a GGUF model's Q4_0/Q4_1/Q8_0 weights on CPU, none dequantizes")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="launch decode steps a step ahead (default: the engine's, on for a GPU)")
     parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
@@ -219,12 +221,12 @@ def main() -> None:
 
     llm = LLM(args.model, dtype=args.dtype, enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype,
-              async_scheduling=args.async_scheduling)
+              async_scheduling=args.async_scheduling, quantization=args.quantization)
     device, async_scheduling = str(llm.device), llm.engine.async_scheduling
     prompts, output_lens = make_workload(args, llm)
     total_out = sum(output_lens)
     print(f"{args.workload}: {args.num_prompts} prompts, {sum(map(len, prompts))} tokens in, {total_out} out, "
-          f"{args.dtype} on {device_name(device)}")
+          f"{args.dtype} (quantization {args.quantization}) on {device_name(device)}")
 
     time_speedx(llm, prompts, [4] * len(prompts))  # warm-up: every prefill shape of the run, compiled once
     runs = [time_speedx(llm, prompts, output_lens, args.temperature, args.top_p) for _ in range(args.repeats)]
@@ -258,7 +260,8 @@ def main() -> None:
     report = {
         "device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
         "workload": args.workload, "num_prompts": args.num_prompts, "input_tokens": sum(map(len, prompts)),
-        "output_tokens": total_out, "temperature": args.temperature, "top_p": args.top_p, "kv_cache_dtype": args.kv_cache_dtype, "cuda_graphs": not args.enforce_eager,
+        "output_tokens": total_out, "temperature": args.temperature, "top_p": args.top_p, "kv_cache_dtype": args.kv_cache_dtype,
+        "quantization": args.quantization, "cuda_graphs": not args.enforce_eager,
         "async_scheduling": async_scheduling, "set": args.set, "contenders": {},
     }
     print(f"{'engine':<14}{'median s':>10}{'out tok/s':>12}")

@@ -156,8 +156,8 @@ def test_silu_mul_epilogue_matches_the_swiglu_twin(isa, m, k, size):
     assert (out == ref).float().mean() > 0.97
 
 
-def test_swiglu_runs_its_activation_in_the_matmul_on_avx512():
-    from speedx.models.cpu_linear import use_fast_cpu_matmuls
+def test_swiglu_runs_its_activation_in_the_matmul_where_packed():
+    from speedx.models.cpu_linear import _PACKED_BF16_FASTER, use_fast_cpu_matmuls
     from speedx.models.layers import SwiGLU
 
     gen = torch.Generator().manual_seed(12)
@@ -168,7 +168,7 @@ def test_swiglu_runs_its_activation_in_the_matmul_on_avx512():
     x = torch.randn(9, 32, generator=gen).bfloat16()
     ref = mlp.down_proj(swiglu_twin(x, mlp.gate_up_proj.weight, None, 48))
     use_fast_cpu_matmuls(nn.ModuleList([mlp]), torch.bfloat16)  # as in a model: SwiGLU is a child
-    assert mlp.gate_up_proj.silu_mul == (_C.cpu_isa() == "avx512")
+    assert getattr(mlp.gate_up_proj, "silu_mul", False) == _PACKED_BF16_FASTER[_C.cpu_isa()]
     out = mlp(x)
     assert ((out.float() - ref.float()).abs() <= ref.float().abs() * 2.0**-5 + 1e-3).all()
 

@@ -17,7 +17,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def default_llm():
-    return LLM("default", dtype="float32", kv_cache_memory="256MiB")
+    return LLM("default", dtype="float32", kv_cache_memory="256MiB", quantization="none")
 
 
 def test_greedy_chat_matches_transformers(default_llm):
@@ -54,7 +54,7 @@ def test_bf16_greedy_tokens_are_transformers_argmax_up_to_rounding():
 
     path = default_model_path()
     reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16).eval()
-    llm = LLM("default", dtype="bfloat16", kv_cache_memory="256MiB")
+    llm = LLM("default", dtype="bfloat16", kv_cache_memory="256MiB", quantization="none")
     for out in llm.chat(CONVERSATIONS, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False):
         tokens = out.outputs[0].token_ids
         ids = torch.tensor([out.prompt_token_ids + tokens])

@@ -7,6 +7,7 @@ Accepted: "default" (the embedded SmolLM2), a Hugging Face directory with safete
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -164,6 +165,44 @@ def iter_gguf_weights(reader, config: ModelConfig) -> Iterator[tuple[str, torch.
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             data = _unpermute_rope(data, config.num_key_value_heads)
         yield name, torch.from_numpy(np.ascontiguousarray(data))
+
+
+@dataclass
+class QuantizedWeight:
+    """A GGUF weight kept quantized: `blocks` holds its raw bytes, uint8 [n, k / 32 * block bytes]
+    (each row whole blocks of 32 values), `format` its type ("q4_0", "q4_1", "q8_0")."""
+
+    format: str
+    blocks: torch.Tensor
+    shape: tuple[int, int]  # (n, k): the dequantized weight's
+
+
+# The GGUF types speedx's CPU matmul reads as they are (csrc/cpu_gemm.h).
+_KEPT_QUANT_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+
+
+def gguf_quantized_weights(path: Path) -> dict[str, QuantizedWeight]:
+    """The 2-D Q4_0 / Q4_1 / Q8_0 weights of a GGUF model, by Hugging Face tensor name, as raw blocks.
+
+    q/k rows are un-permuted like iter_gguf_weights does, moving whole rows of blocks (exact). A tied
+    lm_head (no output.weight) appears as "lm_head.weight", the embedding's blocks."""
+    reader = open_gguf(path)
+    config = gguf_config(reader)
+    out = {}
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name) if tensor.name != "rope_freqs.weight" else None
+        if name is None or tensor.tensor_type.name not in _KEPT_QUANT_TYPES or len(tensor.shape) != 2:
+            continue
+        n, k = (int(d) for d in reversed(tensor.shape))
+        blocks = np.asarray(tensor.data).reshape(n, -1)
+        if config.model_type == "llama" and name.endswith("q_proj.weight"):
+            blocks = _unpermute_rope(blocks, config.num_attention_heads)
+        elif config.model_type == "llama" and name.endswith("k_proj.weight"):
+            blocks = _unpermute_rope(blocks, config.num_key_value_heads)
+        out[name] = QuantizedWeight(tensor.tensor_type.name.lower(), torch.from_numpy(np.array(blocks)), (n, k))  # a copy: the reader maps the file read-only
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
 
 
 def open_gguf(path: Path):
