@@ -1,70 +1,140 @@
-"""CPU matmuls of a bf16 model's decode step: speedx's packed-bf16 kernel vs what PyTorch offers.
+"""CPU matmuls of a decode step: speedx's packed kernels (bf16 and GGUF-quantized weights, each SIMD
+path) vs what PyTorch offers, as GFLOP/s, GB/s of weights and % of the machine's measured FMA peak.
 
-Contenders, for each nn.Linear shape of the model (SmolLM2-135M by default) and each row count m:
+Contenders, for each nn.Linear shape of the model (SmolLM2-135M) and each row count m:
   torch_bf16      F.linear in bf16 (what transformers.generate runs)
   torch_fp32      F.linear on the weights widened to fp32 (WideMatmulLinear)
-  onednn_fp32     oneDNN with weights pre-packed for it (torch.ops.mkldnn._linear_pointwise)
-  speedx          speedx._C.gemm_bf16_weight on packed bf16 weights (PackedBf16Linear)
+  bf16@ISA        speedx._C.gemm_packed_weight on packed bf16 weights (PackedBf16Linear), ISA forced
+  q4_0@ISA, q4_1@ISA, q8_0@ISA   the same on GGUF blocks kept quantized (PackedQuantLinear)
 Each shape cycles through one weight per layer, so weights come from memory as in a real step, not
-from cache. Reports ms per layer-call and GFLOP/s, medians over repeats; JSON out.
+from cache. The peak is threads x _C.fma_peak_gflops(ISA, 1), register-only FMA chains of that width on one
+core (the all-thread measurement is printed too; on a shared machine it reads low).
+Medians over repeats; the CPU model and flags head every table; JSON out.
 
     python bench/cpu_matmul.py
-    python bench/cpu_matmul.py --rows 1,64,256 --layers 30
+    python bench/cpu_matmul.py --rows 1,64 --isas avx2 --formats bf16,q4_1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from speedx import _C
-from speedx.models.cpu_linear import PackedBf16Linear
 
-# (name, in_features, out_features) of SmolLM2-135M: fused qkv, o, fused gate/up, down, lm_head.
-SMOLLM2_SHAPES = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576), ("lm_head", 576, 49152)]
+# (name, in_features k, out_features n) of SmolLM2-135M's linear layers (q and o, k and v, fused
+# gate/up, down, the tied lm_head).
+SMOLLM2_SHAPES = [("q/o", 576, 576), ("k/v", 576, 192), ("gate_up", 576, 3072), ("down", 1536, 576),
+                  ("lm_head", 576, 49152)]
+_GGUF_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+_SHOWN_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+                "avx512_vnni", "amx_tile", "amx_bf16")
 
 
-def contenders(weights: list[torch.Tensor]):
-    wide = [w.float() for w in weights]
-    onednn = [torch.ops.mkldnn._reorder_linear_weight(w) for w in wide]
+def cpu_description() -> dict:
+    """CPU model and the SIMD flags that matter here, from /proc/cpuinfo."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "flags": [f for f in _SHOWN_FLAGS if f in flags], "cpu_isa": _C.cpu_isa()}
+
+
+def cpu_line(cpu: dict, threads: int) -> str:
+    return f"CPU: {cpu['model']} | flags: {' '.join(cpu['flags'])} | speedx isa {cpu['cpu_isa']} | {threads} threads"
+
+
+def random_blocks(fmt: str, n: int, k: int, gen: np.random.Generator) -> torch.Tensor:
+    """Random GGUF blocks of a plausible scale (random quants, fp16 scales ~0.01)."""
+    blocks = gen.integers(0, 256, size=(n, k // 32, _GGUF_BLOCK_BYTES[fmt]), dtype=np.uint8)
+    blocks[..., 0:2] = np.array([0.01 / k**0.5], dtype=np.float16).view(np.uint8)
+    if fmt == "q4_1":
+        blocks[..., 2:4] = np.array([-0.08 / k**0.5], dtype=np.float16).view(np.uint8)
+    return torch.from_numpy(blocks.reshape(n, -1))
+
+
+def packed_contender(weights: list[torch.Tensor], fmt: str, n: int, k: int, isa: str):
     packed = []
     for w in weights:
-        linear = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
-        linear.weight.data.copy_(w)
-        packed.append(PackedBf16Linear(linear, torch.bfloat16))
-    return {
-        "torch_bf16": lambda x, i: F.linear(x, weights[i]),
-        "torch_fp32": lambda x, i: F.linear(x.float(), wide[i]).bfloat16(),
-        "onednn_fp32": lambda x, i: torch.ops.mkldnn._linear_pointwise(x.float(), onednn[i], None, "none", [], "").bfloat16(),
-        "speedx": lambda x, i: packed[i](x),
-    }
+        if fmt == "bf16":
+            p = torch.empty(_C.packed_weight_size(n, k), dtype=torch.bfloat16)
+            _C.pack_bf16_weight(w.data_ptr(), n, k, p.data_ptr(), torch.get_num_threads())
+        else:
+            p = torch.empty(_C.packed_weight_bytes(fmt, n, k), dtype=torch.uint8)
+            _C.pack_quant_weight(fmt, w.data_ptr(), n, k, p.data_ptr(), torch.get_num_threads())
+        packed.append(p)
+    threads = torch.get_num_threads()
+
+    def run(x, i):
+        out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+        _C.gemm_packed_weight(out.data_ptr(), x.data_ptr(), packed[i].data_ptr(), 0, x.shape[0], n, k, "bfloat16",
+                              "bfloat16", threads, weight_format=fmt, _debug_isa=isa)
+        return out
+
+    return run, _C.packed_weight_bytes(fmt, n, k)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="1,16,64,256", help="comma-separated row counts m")
+    parser.add_argument("--rows", default="1,8,64", help="comma-separated row counts m")
     parser.add_argument("--layers", type=int, default=30, help="weights per shape cycled through")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--isas", default="avx512,avx2", help="SIMD paths to force (those this CPU lacks are skipped)")
+    parser.add_argument("--formats", default="bf16,q4_0,q4_1,q8_0", help="weight formats of the packed kernel")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_matmul.json"))
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
+    order = ["baseline", "avx2", "avx512"]
+    isas = [i for i in args.isas.split(",") if order.index(i) <= order.index(_C.cpu_isa())]
+    formats = args.formats.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    cpu = cpu_description()
+    peaks = {isa: {"1_thread": round(_C.fma_peak_gflops(isa, 1), 1),
+                   f"{threads}_threads": round(_C.fma_peak_gflops(isa, threads), 1)} for isa in isas}
+    print(cpu_line(cpu, threads))
+    for isa, p in peaks.items():
+        print(f"measured FMA peak {isa}: {p['1_thread']} GFLOP/s per core, {p[f'{threads}_threads']} GFLOP/s on {threads} threads")
+
     gen = torch.Generator().manual_seed(0)
+    npgen = np.random.default_rng(0)
     results = []
+    header = (f"{'shape':8s} {'m':>3s}  {'contender':11s} {'ms':>8s} {'GFLOP/s':>8s} {'GB/s':>6s} {'% peak':>6s}"
+              f"   best of repeats: {'ms':>8s} {'GFLOP/s':>8s} {'GB/s':>6s} {'% peak':>6s}")
+    print(header)
     for name, k, n in SMOLLM2_SHAPES:
         layers = 2 if name == "lm_head" else args.layers  # one lm_head per step; 2 keep the cache cold
-        weights = [(torch.randn(n, k, generator=gen) * k**-0.5).bfloat16() for _ in range(layers)]
-        fns = contenders(weights)
+        dense = [(torch.randn(n, k, generator=gen) * k**-0.5).bfloat16() for _ in range(layers)]
+        fns = {}  # label -> (fn, weight bytes, isa or None)
+        if not args.no_torch:
+            wide = [w.float() for w in dense]
+            fns["torch_bf16"] = (lambda x, i: F.linear(x, dense[i]), 2 * n * k, None)
+            fns["torch_fp32"] = (lambda x, i: F.linear(x.float(), wide[i]).bfloat16(), 4 * n * k, None)
+        for fmt in formats:
+            weights = dense if fmt == "bf16" else [random_blocks(fmt, n, k, npgen) for _ in range(layers)]
+            for isa in isas:
+                fn, nbytes = packed_contender(weights, fmt, n, k, isa)
+                fns[f"{fmt}@{isa}"] = (fn, nbytes, isa)
         for m in rows:
             x = torch.randn(m, k, generator=gen).bfloat16()
-            row = {"shape": name, "m": m, "k": k, "n": n}
-            for label, fn in fns.items():
+            for label, (fn, nbytes, isa) in fns.items():
                 for i in range(layers):
                     fn(x, i)  # warm up (and first-call allocations)
                 times = []
@@ -73,14 +143,21 @@ def main() -> None:
                     for i in range(layers):
                         fn(x, i)
                     times.append((time.perf_counter() - start) / layers)
-                ms = statistics.median(times) * 1e3
-                row[label] = {"ms": round(ms, 4), "gflops": round(2 * m * k * n / ms / 1e6, 1)}
-            row["speedx_vs_torch_fp32"] = round(row["torch_fp32"]["ms"] / row["speedx"]["ms"], 2)
-            row["speedx_vs_torch_bf16"] = round(row["torch_bf16"]["ms"] / row["speedx"]["ms"], 2)
-            results.append(row)
-            print(f"{name:8s} m={m:<4d} " + "  ".join(f"{c} {row[c]['ms']:.3f} ms" for c in fns)
-                  + f"  speedx vs fp32 {row['speedx_vs_torch_fp32']}x")
-    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "isa": _C.cpu_isa(), "results": results}
+                peak = threads * (peaks[isa]["1_thread"] if isa else max(p["1_thread"] for p in peaks.values()))
+                row = {"shape": name, "m": m, "k": k, "n": n, "contender": label}
+                line = f"{name:8s} {m:3d}  {label:11s}"
+                # The median is the figure; the best of the repeats shows the kernel apart from other load.
+                for suffix, sec in (("", statistics.median(times)), ("_best", min(times))):
+                    gflops = 2 * m * k * n / sec / 1e9
+                    row.update({f"ms{suffix}": round(sec * 1e3, 4), f"gflops{suffix}": round(gflops, 1),
+                                f"weight_gb_per_s{suffix}": round(nbytes / sec / 1e9, 1),
+                                f"pct_of_fma_peak{suffix}": round(100 * gflops / peak, 1)})
+                    line += (f" {row[f'ms{suffix}']:8.3f} {row[f'gflops{suffix}']:8.1f} {row[f'weight_gb_per_s{suffix}']:6.1f} "
+                             f"{row[f'pct_of_fma_peak{suffix}']:6.1f}" + ("   " + " " * 18 if not suffix else ""))
+                results.append(row)
+                print(line, flush=True)
+    print(cpu_line(cpu, threads) + f"  (% peak: of {threads} x the contender's ISA peak per core; PyTorch's: of the widest)")
+    report = {"torch": torch.__version__, "threads": threads, "cpu": cpu, "fma_peak_gflops": peaks, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
