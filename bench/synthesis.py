@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
 
     llm = LLM(args.model)
-    families = parse_families(None)
+    families = parse_families(None, args.model)
     tasks = [Task(f"x{i}", f.name, text) for f in families for i, text in enumerate(f.example_tasks)]
     planner = Planner(families, parse_mix("7:7:7:2", families), tasks, seed=0)
     params_factory = partial(SamplingParams, temperature=args.temperature, max_tokens=args.max_tokens)

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", type=path, default=None, help="PEFT LoRA adapter of the generator, merged at load")
     p.add_argument("--families", type=non_empty("a comma list of families"), default=None,
                    help="comma list of retrieval, classification, sts, short_short, long_long, bitext "
-                   "(default: all but bitext)")
+                   "(default: all but bitext; for --model default also not long_long, whose 300-word texts "
+                   "the 135M model cannot write)")
     p.add_argument("--mix", default=DEFAULT_MIX, help="family weights: classification:sts:retrieval:matching "
                    "(default 7:7:7:2, the paper's) or name=weight pairs")
     p.add_argument("--num-examples", type=count, default=64, help="valid unique examples to write")
@@ -90,7 +91,7 @@ def check_arguments(args) -> dict:
     from speedx.synth.run_files import ensure_writable_dir, lock_run_dir, read_manifest
     from speedx.synth.tasks import load_saved_tasks, load_tasks_file, load_topics
 
-    families = parse_families(args.families)
+    families = parse_families(args.families, args.model)
     weights = parse_mix(args.mix, families)
     families = [f for f in families if weights[f.name] > 0]
     if args.revisor_lora and not args.revisor:

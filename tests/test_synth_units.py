@@ -85,6 +85,8 @@ def test_schema_requires_exactly_the_keys():
 def test_mix_and_families():
     fams = parse_families(None)
     assert [f.name for f in fams] == ["classification", "sts", "retrieval", "short_short", "long_long"]
+    assert [f.name for f in parse_families(None, "default")] == ["classification", "sts", "retrieval", "short_short"]
+    assert [f.name for f in parse_families("long_long", "default")] == ["long_long"]  # named: it runs
     weights = parse_mix("7:7:7:2", fams)
     assert weights == {"classification": 7, "sts": 7, "retrieval": 7, "short_short": 1, "long_long": 1}
     assert parse_mix("retrieval=3,sts=1", parse_families("retrieval,sts")) == {"retrieval": 3.0, "sts": 1.0}
@@ -123,7 +125,8 @@ def test_valid_examples_pass(name):
         ("retrieval", {"user_query": "  "}, "empty_field"),
         ("retrieval", {"user_query": 3}, "non_string_field"),
         ("retrieval", {"positive_document": "Best soil for tomatoes!"}, "document_copies_query"),
-        ("retrieval", {"user_query": "which kind of soil do tomatoes like best in a small home garden"}, "too_long:user_query"),
+        ("retrieval", {"user_query": "which kind of soil do tomatoes like best in a small home garden when the "
+                       "summer is dry and hot and the beds get sun all day"}, "too_long:user_query"),
         ("retrieval", {"positive_document": "Loamy soil."}, "too_short:positive_document"),
         ("classification", {"misleading_label": "Negative"}, "label_equals_misleading_label"),
         ("sts", {"S3": "the park opens at dawn"}, "fields_not_distinct"),
@@ -132,6 +135,24 @@ def test_valid_examples_pass(name):
 def test_rejections_name_their_reason(name, change, reason):
     data = {**GOOD[name], **change}
     assert validate_example(FAMILIES[name], data, KNOBS[name]) == reason
+
+
+def test_lengths_are_checked_against_a_passage_and_a_sentence_not_the_exact_count():
+    """A 500-word request answered with 25 words is a passage (kept); with 8, not one (rejected). A
+    "fewer than 5 words" query of 12 words is still a query; one of 25 is not."""
+    knobs = dict(KNOBS["retrieval"], num_words="500")
+    doc = " ".join(["Tomatoes grow best in loose loamy soil."] * 4)  # 28 words
+    data = dict(GOOD["retrieval"], positive_document=doc, hard_negative_document=doc.replace("Tomatoes", "Beans"))
+    assert validate_example(FAMILIES["retrieval"], data, knobs) is None
+    short = dict(data, positive_document="Tomatoes like loose loamy soil with compost.")
+    assert validate_example(FAMILIES["retrieval"], short, knobs) == "too_short:positive_document"
+    query = "which soil is best for growing tomatoes in pots on a balcony"
+    assert validate_example(FAMILIES["retrieval"], dict(data, user_query=query), knobs) is None
+    knobs = {"num_words": "at least 200", "clarity": "clear"}
+    text = GOOD["classification"]["input_text"]  # 13 words
+    assert validate_example(FAMILIES["classification"], GOOD["classification"], knobs) == "too_short:input_text"
+    longer = dict(GOOD["classification"], input_text=f"{text} {text}")
+    assert validate_example(FAMILIES["classification"], longer, knobs) is None
 
 
 def test_topic_paths_keep_first_two_and_last_two():
@@ -499,14 +520,14 @@ def test_the_brainstorm_shows_its_progress(capsys):
 def test_rerunning_an_ended_run_is_a_no_op_that_loads_no_model(tmp_path, capsys, no_model):
     out, command = resumable_run(tmp_path)
     command += ["--num-examples", "2", "--max-attempts", "1"]
-    rows = [{"id": f"s{slot}-a0", "slot": slot, "family": "sts", "task_id": "t0", "reason": "too_short:S1"}
-            for slot in (0, 1)]
+    rows = [{"id": f"s{slot}-a{attempt}", "slot": slot, "family": "sts", "task_id": "t0", "reason": "too_short:S1"}
+            for slot in (0, 1) for attempt in (0, 1)]  # the budget: 2 slots x 1 attempt, at least 4 in all
     (out / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     manifest = {"config": {"seed": 0, "num_examples": 2}, "status": "incomplete", "examples": 0, "export": {}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert generate_main(command) == 3
     assert capsys.readouterr().out == (f"{out} holds this run, incomplete (0 examples): nothing left to do: the run's "
-                                       "2 attempts were spent (2 slots empty); re-run the same command with a larger "
+                                       "4 attempts were spent (2 slots empty); re-run the same command with a larger "
                                        "--max-attempts (now 1) to give them more\n")
     with pytest.raises(AssertionError, match="went on to load a model"):  # slots with attempts left: not a no-op
         generate_main([*command, "--max-attempts", "2"])

@@ -25,7 +25,8 @@ from speedx.synth.tasks import Task, hash_seed
 
 
 # A slot may take up to this many times --max-attempts when others need fewer; the run as a whole
-# makes at most --max-attempts per slot on average.
+# makes at most --max-attempts per slot on average, and never fewer than one slot's limit in all
+# (a run of 2 slots may spend 16 attempts on one of them).
 PER_SLOT_FACTOR = 4
 
 
@@ -38,7 +39,8 @@ class AttemptBudget:
 
     @classmethod
     def for_run(cls, num_slots: int, max_attempts: int) -> "AttemptBudget":
-        return cls(total=max_attempts * num_slots, per_slot=PER_SLOT_FACTOR * max_attempts)
+        per_slot = PER_SLOT_FACTOR * max_attempts
+        return cls(total=max(max_attempts * num_slots, per_slot), per_slot=per_slot)
 
 
 @dataclass

@@ -74,6 +74,7 @@ def rejection_record(request: PlannedRequest, reason: str, text: str, tokens: di
         "task_id": request.task_id,
         "reason": reason,
         "text": text,
+        "knobs": request.knobs,
         **tokens,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

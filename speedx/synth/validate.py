@@ -12,6 +12,12 @@ from speedx.synth.families import Family
 SHORTER_FACTOR = 4.0
 LONGER_FACTOR = 3.0
 SENTENCE_MAX_WORDS = 80
+# A text asked to be long must be a passage, not as long as asked: the embedded 135M model writes
+# 20-60 word "300-word" documents, useful data that a quarter of the asked length rejected.
+PASSAGE_MIN_WORDS = 20
+# A text asked to be short may run to a sentence: queries of 11-15 words asked as "fewer than 5"
+# are still queries (the small model's most common too_long), and a runaway is far longer.
+SHORT_TEXT_MAX_WORDS = 20
 
 
 def _words(text: str) -> int:
@@ -22,12 +28,12 @@ def _word_range(spec: str) -> tuple[float, float]:
     """'fewer than 5 words' / '5 to 15 words' / 'at least 10' / '300' -> (min, max) words allowed."""
     numbers = [int(n) for n in re.findall(r"\d+", spec)]
     if spec.startswith("fewer than"):
-        return 1, numbers[0] * 2
+        return 1, max(numbers[0] * 2, SHORT_TEXT_MAX_WORDS)
     if spec.startswith("at least"):
-        return numbers[0] / SHORTER_FACTOR, float("inf")
+        return min(numbers[0] / SHORTER_FACTOR, PASSAGE_MIN_WORDS), float("inf")
     if len(numbers) == 2:
         return max(1, numbers[0] / 2), numbers[1] * 2
-    return numbers[0] / SHORTER_FACTOR, numbers[0] * LONGER_FACTOR
+    return min(numbers[0] / SHORTER_FACTOR, PASSAGE_MIN_WORDS), numbers[0] * LONGER_FACTOR
 
 
 def validate_example(family: Family, data: object, knobs: dict[str, str]) -> str | None:
