@@ -123,10 +123,10 @@ class PackedQuantLinear(_PackedLinear):
 
 _GEMM_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
-# Whether PackedBf16Linear beats WideMatmulLinear, per SIMD path: bench/cpu_matmul.py measured it
-# 1.3-8x faster on AVX-512 and on AVX2 (forced, same AMD EPYC Zen 4) at m = 1, 8 and 64 on every
-# SmolLM2 shape; the SSE2 baseline was not measured against a baseline CPU's PyTorch, so it keeps
-# PyTorch's fp32 GEMM.
+# Whether PackedBf16Linear beats WideMatmulLinear, per SIMD path: bench/cpu_matmul.py on an AMD EPYC
+# Zen 4 measured it 1.2-8x faster with AVX-512 and with AVX2 (forced) at m = 1, 8 and 64 on SmolLM2's
+# shapes, since it reads half the weight bytes and PyTorch's fp32 GEMM is slow at small m; the SSE2
+# baseline was not measured against a baseline CPU's PyTorch, so it keeps PyTorch's fp32 GEMM.
 _PACKED_BF16_FASTER = {"avx512": True, "avx2": True, "baseline": False}
 
 
