@@ -17,9 +17,9 @@ from speedx.synth import exit_codes
 from speedx.synth.families import DEFAULT_MIX, parse_families, parse_mix
 
 # Settings that must match for a re-run to resume a run directory (num_examples may grow). The
-# dtypes change the logits and so the sampled text; manifests from before they were recorded lack them.
+# dtypes and the quantization change the logits and so the sampled text; manifests from before they were recorded lack them.
 RESUME_KEYS = ("model", "lora", "families", "mix", "seed", "temperature", "top_p", "max_tokens", "tasks", "topics",
-               "num_topics", "revisor", "revisor_lora", "json_mode", "shard", "dtype", "kv_cache_dtype")
+               "num_topics", "revisor", "revisor_lora", "json_mode", "shard", "dtype", "kv_cache_dtype", "quantization")
 PATH_KEYS = ("model", "lora", "tasks", "topics", "revisor", "revisor_lora")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -55,10 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=shard_text, default="0/1", help="i/n: this process does example slots s with s %% n == i")
     p.add_argument("--json-mode", choices=("constrained", "repair"), default="constrained",
                    help="constrained: grammar-masked decoding (always valid JSON); repair: lenient parsing")
-    p.add_argument("--max-attempts", type=count, default=4,
+    p.add_argument("--max-attempts", type=count, default=8,
                    help="attempts per example slot on average: the run makes at most this many times its slots "
                    "in all, and one slot at most 4x as many")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the checkpoint's (bfloat16 for GGUF)")
+    p.add_argument("--quantization", choices=("auto", "gguf", "none"), default="auto",
+                   help="auto: a GGUF model's Q4_0/Q4_1/Q8_0 weights stay quantized on CPU (as llama.cpp); "
+                   "none: widened to --dtype at load (exact parity with transformers)")
     p.add_argument("--kv-cache-memory", type=memory_size, default=None, help="e.g. 4GiB (default: the engine's)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="auto: the model's dtype; fp8: half the KV memory and traffic (GPU)")

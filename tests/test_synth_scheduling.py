@@ -171,3 +171,20 @@ def test_a_run_stopped_midway_resumes_to_the_same_examples(tmp_path, stop_after)
     ids = [r["id"] for r in state.examples + state.rejections]
     assert len(ids) == len(set(ids)) and before <= set(ids)
     assert winners(tmp_path / "cut") == winners(tmp_path / "whole")
+
+
+def test_surplus_goes_to_the_slot_most_likely_to_need_it(tmp_path):
+    """A slot whose family rarely succeeds gets the spare attempt before one that usually does,
+    even when it already has more attempts running."""
+    planner = Planner([STS, FAMILIES["retrieval"]], {"sts": 1.0, "retrieval": 1.0},
+                      [Task("t0", "sts", "Parks."), Task("t1", "retrieval", "Find parks.")], seed=7)
+    sts_slot = next(s for s in range(50) if planner.family_of_slot(s).name == "sts")
+    hard_slot = next(s for s in range(50) if planner.family_of_slot(s).name == "retrieval")
+    run = SynthesisRun(ScriptedLLM(4), planner, tmp_path, [sts_slot, hard_slot], "repair",
+                       partial(SamplingParams, max_tokens=64), 4, "scripted")
+    run.family_tries.update({"sts": 20, "retrieval": 20})
+    run.family_valid.update({"sts": 18, "retrieval": 2})
+    run.running = {sts_slot: {0: "q0"}, hard_slot: {0: "q1", 1: "q2"}}
+    assert run._chance_all_fail(hard_slot) > run._chance_all_fail(sts_slot)
+    run.family_valid["retrieval"] = 19
+    assert run._chance_all_fail(hard_slot) < run._chance_all_fail(sts_slot)

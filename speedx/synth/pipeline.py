@@ -146,6 +146,9 @@ class SynthesisRun:
         self.unwritten = 0  # attempts started and not yet written or aborted
         self.in_revision: set[int] = set()  # slots whose winning example is with the revisor
         self.occupancy = None
+        self.family_tries, self.family_valid = Counter(), Counter()  # attempts, and valid ones, per family
+        for record in self.state.examples + self.state.rejections:
+            self._count(record, valid=record.get("reason", "surplus") == "surplus")
         self.dedup = Deduplicator()
         for record in self.state.examples:  # resumed runs dedup against what is already written
             self.dedup.add(record["id"], dedup_text(record))
@@ -173,8 +176,9 @@ class SynthesisRun:
         self.unwritten += 1
 
     def _fill(self, queue, todo: deque, target_batch: int) -> None:
-        """First tries from `todo` while the queue has room; then surplus attempts of running slots,
-        fewest started first, up to the target batch."""
+        """First tries from `todo` while the queue has room; then surplus attempts, up to the target
+        batch, each for the running slot most likely to need one: the one whose running attempts
+        all fail with the highest chance, at its family's valid rate so far."""
         while todo and queue.has_room:
             slot = todo.popleft()
             if self._needs_first_try(slot):
@@ -185,7 +189,16 @@ class SynthesisRun:
             candidates = [s for s in self.running if self._can_start(s)]
             if not candidates:
                 return
-            self._start(queue, min(candidates, key=lambda s: (len(self._taken(s)), s)))
+            self._start(queue, max(candidates, key=lambda s: (self._chance_all_fail(s), -s)))
+
+    def _chance_all_fail(self, slot: int) -> float:
+        family = self.planner.family_of_slot(slot).name
+        valid_rate = (self.family_valid[family] + 1) / (self.family_tries[family] + 2)  # Laplace: no data -> 1/2
+        return (1 - valid_rate) ** len(self.running[slot])
+
+    def _count(self, record: dict, valid: bool) -> None:
+        self.family_tries[record["family"]] += 1
+        self.family_valid[record["family"]] += valid
 
     # ------------------------------------------------------------------ the loop
 
@@ -298,6 +311,7 @@ class SynthesisRun:
         self.state.filled.add(request.slot)
         self.state.done[request.slot].add(request.attempt)
         self.unwritten -= 1
+        self._count(record, valid=True)
         if self.progress:
             self.progress.update(record, valid=True, occupancy=self.occupancy.mean)
 
@@ -306,6 +320,7 @@ class SynthesisRun:
         self.state.rejections.append(record)
         self.state.done[record["slot"]].add(attempt_of(record))
         self.unwritten -= 1
+        self._count(record, valid=record["reason"] == "surplus")
         if self.progress:
             self.progress.update(record, valid=False, occupancy=self.occupancy.mean)
 
