@@ -75,12 +75,12 @@ def sft_adapter(base, tmp_path_factory):
 
 
 def test_gguf_export_matches_the_original_and_loads_back(tmp_path):
-    from test_loaders import write_gguf
+    from helpers import write_gguf
 
     model, tok = build_tiny_model(tmp_path / "hf", "llama")
     (tmp_path / "gguf").mkdir()
     gguf_file = tmp_path / "gguf" / "tiny.gguf"
-    write_gguf(model, gguf_file, quantize=False)
+    write_gguf(model, gguf_file)
     out = export_hf_checkpoint(gguf_file, tmp_path / "export", tokenizer=tmp_path / "hf")
     ids = random_prompts(len(tok), [17], seed=5)[0]
     torch.testing.assert_close(logits(hf_model(out), ids), logits(model, ids), atol=1e-5, rtol=1e-5)

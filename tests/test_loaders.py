@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import build_tiny_model
-from helpers import assert_matches_hf, make_llm, random_prompts
+from helpers import assert_matches_hf, make_llm, random_prompts, write_gguf
 
 
 @pytest.mark.parametrize("kind", ["llama31", "mistral"])
@@ -25,60 +25,10 @@ def test_sharded_safetensors(tmp_path):
     assert_matches_hf(make_llm(tmp_path), model, random_prompts(len(tok), [9, 4]))
 
 
-def _permute_like_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_gguf(model, path, quantize: bool, arch: str = "llama"):
-    """Write a HF Llama model the way llama.cpp's converter does (q/k rows permuted)."""
-    import gguf
-
-    c = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_vocab_size(c.vocab_size)
-    writer.add_eos_token_id(c.eos_token_id)
-    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for name, tensor in model.state_dict().items():
-        data = tensor.float().numpy()
-        if name == "model.embed_tokens.weight":
-            out = "token_embd.weight"
-        elif name == "model.norm.weight":
-            out = "output_norm.weight"
-        elif name == "lm_head.weight":
-            out = "output.weight"
-        else:
-            layer, rest = name.removeprefix("model.layers.").split(".", 1)
-            module, suffix = rest.rsplit(".", 1)
-            out = f"blk.{layer}.{names[module]}.{suffix}"
-            if module == "self_attn.q_proj":
-                data = _permute_like_llama_cpp(data, c.num_attention_heads)
-            elif module == "self_attn.k_proj":
-                data = _permute_like_llama_cpp(data, c.num_key_value_heads)
-        if quantize and data.ndim == 2:
-            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(out, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(out, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 def test_gguf_matches_original_weights(tmp_path):
     model, tok = build_tiny_model(tmp_path, "llama")
     gguf_file = tmp_path / "tiny.gguf"
-    write_gguf(model, gguf_file, quantize=False)
+    write_gguf(model, gguf_file)
     llm = make_llm(gguf_file, tokenizer=str(tmp_path))
     assert_matches_hf(llm, model, random_prompts(len(tok), [12, 31, 5]))
 
@@ -88,7 +38,7 @@ def test_gguf_quantized_dequantizes_close_to_original(tmp_path):
 
     model, _ = build_tiny_model(tmp_path, "llama")
     gguf_file = tmp_path / "tiny-q8.gguf"
-    write_gguf(model, gguf_file, quantize=True)
+    write_gguf(model, gguf_file, formats={})
     config, weights = load_config_and_weights(gguf_file)
     assert config.num_key_value_heads == 2 and not config.tie_word_embeddings
     original = model.state_dict()
