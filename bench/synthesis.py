@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--num-examples", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=1024)
-    parser.add_argument("--max-attempts", type=int, default=4)
+    parser.add_argument("--max-attempts", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--out", default="bench/results/synthesis.json")
     args = parser.parse_args()
@@ -78,7 +78,7 @@ def main() -> None:
 
     results = {
         "engine": bare_engine(llm, planner, args.num_examples, params_factory),
-        "pipeline": pipeline(llm, planner, args.num_examples, params_factory, args.max_attempts, surplus=True),
+        "pipeline, surplus": pipeline(llm, planner, args.num_examples, params_factory, args.max_attempts, surplus=True),
         "pipeline, no surplus": pipeline(llm, planner, args.num_examples, params_factory, args.max_attempts,
                                          surplus=False),
     }

@@ -130,6 +130,7 @@ def test_merge_refuses_what_is_not_one_run_and_counts_dropped_duplicates(tmp_pat
     shard = tmp_path / "shard0"
     assert generate_main(["--tasks", str(tasks_file), "--num-examples", "2", *COMMON, "--shard", "0/2",
                           "--out", str(shard)]) == 0
+    capsys.readouterr()  # the run's own log and summary
     copy = tmp_path / "copy"
     shutil.copytree(shard, copy)
     manifest = json.loads((copy / "manifest.json").read_text())

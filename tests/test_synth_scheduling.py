@@ -71,6 +71,8 @@ class ScriptedEngine:
 
 
 class ScriptedLLM:
+    device = "cpu"
+
     def __init__(self, max_num_seqs: int, valid_every: int = 3):
         self.engine = ScriptedEngine(max_num_seqs, valid_every)
 
@@ -171,6 +173,13 @@ def test_a_run_stopped_midway_resumes_to_the_same_examples(tmp_path, stop_after)
     ids = [r["id"] for r in state.examples + state.rejections]
     assert len(ids) == len(set(ids)) and before <= set(ids)
     assert winners(tmp_path / "cut") == winners(tmp_path / "whole")
+
+
+def test_surplus_attempts_run_by_default_on_a_gpu_only(tmp_path):
+    gpu = ScriptedLLM(4)
+    gpu.device = "cuda:0"
+    assert make_run(tmp_path / "g", gpu, surplus=None).surplus
+    assert not make_run(tmp_path / "c", ScriptedLLM(4), surplus=None).surplus
 
 
 def test_surplus_goes_to_the_slot_most_likely_to_need_it(tmp_path):

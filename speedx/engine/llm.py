@@ -6,6 +6,7 @@ import contextlib
 import logging
 import numbers
 import re
+import sys
 import time
 from collections import deque
 from typing import Callable, Iterator, Sequence as Seq
@@ -24,8 +25,22 @@ from speedx.models.lora import LoRAAdapter
 from speedx.models.loader import gguf_quantized_weights, is_gguf, load_config_and_weights, load_tokenizer, resolve_model_path
 
 logger = logging.getLogger("speedx")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record, not at import (pytest and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 if not logger.handlers:  # log to stderr like vLLM unless the application configured logging
-    _handler = logging.StreamHandler()
+    _handler = _StderrHandler()
     _handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s speedx: %(message)s", "%H:%M:%S"))
     logger.addHandler(_handler)
     logger.setLevel(logging.INFO)

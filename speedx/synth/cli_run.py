@@ -134,7 +134,7 @@ def run_generate(args, checked) -> dict:
                                 "per_slot_limit": run.budget.per_slot}
         manifest["empty_slots"] = state.empty_slots_reason(slots, run.budget)
         if run.occupancy is not None:
-            manifest["occupancy"] = run.occupancy.report()
+            manifest["occupancy"] = run.occupancy.report() | {"surplus_attempts": run.surplus}
         manifest["status"] = stopped or ("complete" if summary["examples"] >= len(slots) else "incomplete")
         record_wall_time(final=True)
         manifest["cost"] = cost_report(summary, manifest["wall_seconds"], args, llm.device, manifest["tasks"])
