@@ -10,8 +10,8 @@
 #   SKIP_TESTS=1 SKIP_KERNELS=1 ...         # without the GPU tests / the kernel benchmarks
 #   QUICK=1 bash bench/gpu_suite.sh         # the open target only: the 8B 1024/1024 grid with the fp8
 #                                           # KV cache as shipped, the GPU tests of the attention and fp8
-#                                           # cache kernels and of async scheduling, the grid as shipped
-#                                           # before 2026-11-26, attention benchmarks and tile sweeps
+#                                           # cache kernels and of async scheduling, attention benchmarks
+#                                           # and tile sweeps
 # Everything takes about 14 minutes on an H100/H200 (summed from its parts; the 8B runs are most of
 # it): under a 10-minute limit per command, run it in two calls (SKIP_8B=1, then SKIP_TESTS=1
 # SKIP_KERNELS=1). QUICK=1 took 8.2 minutes on an H100 (2026-11-27), the extension and the 8B model
@@ -33,7 +33,6 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("throughput_*.json")):
     fraction = r.get("roofline", {}).get("fraction")
     print(f"{path.stem:<48}{r['contenders']['speedx']['output_tokens_per_s']:>10.0f} tok/s"
           + ("" if fraction is None else f"  {fraction:.0%} of the roofline") + f"  ({r['device']})"
-          + "".join(f"  --set {a.rpartition('.')[2]}" for a in r.get("set", []))
           # every timed run, in order: shows whether a process's first run is the slow one
           + "  runs " + " ".join(f"{s:.2f}" for s in r["contenders"]["speedx"]["seconds"]) + " s")
 EOF
@@ -50,13 +49,9 @@ nvidia-smi -L || true
 MODEL_DIR=${MODEL_DIR:-/tmp/speedx-llama3-8b-random}
 M8B="$PY bench/throughput.py --model $MODEL_DIR --repeats 1 --max-num-batched-tokens 8192"
 GRID="--workload fixed --num-prompts 256 --prompt-len 1024 --output-len 1024"
-# The fp8 grid's configuration before 2026-11-26 (V with head dims contiguous, 128-key fp8 decode tiles,
-# 64-row prefill tiles), timed beside the shipped one on the same device (bench/throughput.py --set)
-BEFORE="--set speedx.engine.model_runner.FP8_V_KEYS_CONTIGUOUS=False --set speedx.kernels.triton_attention.FP8_DECODE_TILE=(128,4,3)
-        --set speedx.kernels.triton_attention.PREFILL_ROWS=64"
 if [ -n "${QUICK:-}" ]; then
     # Ordered so that a run cut short by a time limit (15 minutes of an H100) still has the headline
-    # number: the grid as shipped, the GPU tests of what it runs, the grid as before, then the sweeps.
+    # number: the grid, the GPU tests of what it runs, then the sweeps.
     [ -f "$MODEL_DIR/config.json" ] || step "$PY" bench/random_llama.py --shape llama3-8b "$MODEL_DIR"
     # Three timed runs each, the median reported: single runs of one configuration differed by 7% on
     # two H100s (2026-11-26).
@@ -64,8 +59,6 @@ if [ -n "${QUICK:-}" ]; then
         --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
     step "$PY" -m pytest -q -x -m gpu tests/test_fp8_kv_cache.py tests/test_triton_attention.py tests/test_triton_engine.py
     step "$PY" -m pytest -q -x tests/test_async_scheduling.py
-    step env SPEEDX_KERNELS=auto $M8B $GRID --repeats 3 --skip-hf --kv-cache-dtype fp8 $BEFORE \
-        --out "$RESULTS/throughput_8b_1024x1024_fp8kv_before.json"
     summary
     step "$PY" bench/gpu_kernels.py --only decode_tiles attention prefill_tiles --decode-tiles-match "1536, float8" \
         --out "$RESULTS/kernels_attention.json"
@@ -101,12 +94,9 @@ if [ -z "${SKIP_8B:-}" ]; then
     step env SPEEDX_KERNELS=auto $M8B --workload random --num-prompts 1000 --out "$RESULTS/throughput_8b_random.json"
     # The fixed 1024-in / 1024-out grid, with transformers.generate timed on 16 of the prompts.
     step env SPEEDX_KERNELS=auto $M8B $GRID --hf-num-prompts 16 --out "$RESULTS/throughput_8b_1024x1024.json"
-    # The same grid with the fp8 KV cache (half the KV bytes: all 256 sequences fit on an H100), then as
-    # configured before 2026-11-26, then without async scheduling (on a GPU decode steps are launched a
-    # step ahead by default).
+    # The same grid with the fp8 KV cache (half the KV bytes: all 256 sequences fit on an H100), then
+    # without async scheduling (on a GPU decode steps are launched a step ahead by default).
     step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
-    step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 $BEFORE \
-        --out "$RESULTS/throughput_8b_1024x1024_fp8kv_before.json"
     step env SPEEDX_KERNELS=auto $M8B $GRID --skip-hf --kv-cache-dtype fp8 --no-async-scheduling \
         --out "$RESULTS/throughput_8b_1024x1024_fp8kv_sync.json"
     # Where the grid's time goes: device span vs host time per kind of step, and the top kernels.

@@ -37,6 +37,7 @@ import httpx
 from throughput import device_name
 
 from speedx import LLM, SamplingParams
+from speedx.engine.config import EngineConfig
 from speedx.serving import start_server
 
 TOPICS = ["robots that paint", "tide pools", "the history of maps", "sourdough bread", "solar sails", "chess openings",
@@ -64,9 +65,9 @@ def cpu_seconds(pid: int | str = "self") -> float:
 class CLIServer:
     """`python -m speedx.serve` in a child process, on a free port."""
 
-    def __init__(self, args):
-        command = [sys.executable, "-m", "speedx.serve", "--model", args.model, "--dtype", args.dtype, "--port", "0",
-                   "--max-num-seqs", str(args.concurrency), "--served-model-name", "bench", "--log-level", "warning"]
+    def __init__(self, config: EngineConfig):
+        command = [sys.executable, "-m", "speedx.serve", *config.cli_args(), "--port", "0",
+                   "--served-model-name", "bench", "--log-level", "warning"]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         for line in self.process.stderr:  # wait for "speedx: serving 'bench' at http://HOST:PORT/v1"
             if line.startswith("speedx: serving"):
@@ -138,8 +139,6 @@ async def run_clients(url: str, model: str, convs, args, stream: bool) -> tuple[
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default")
-    p.add_argument("--dtype", default="auto")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent clients = engine max_num_seqs")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
@@ -149,10 +148,11 @@ def main(argv=None) -> None:
     p.add_argument("--stream", action="store_true", help="also measure streaming clients")
     p.add_argument("--in-process", action="store_true", help="serve with start_server in this process")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    EngineConfig.add_cli_args(p, only=("model", "dtype", "quantization", "kv_cache_dtype", "seed"))
     args = p.parse_args(argv)
 
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.concurrency)
-    server = None if args.in_process else CLIServer(args)  # loads its own copy of the model meanwhile
+    llm = LLM.from_config(EngineConfig.from_cli_args(args, max_num_seqs=args.concurrency))
+    server = None if args.in_process else CLIServer(llm.config)  # loads its own copy of the model meanwhile
     convs, warm = conversations(args.num_prompts), conversations(args.concurrency)
     modes = ["engine", "server"] + (["server_stream"] if args.stream else [])
     runs = {mode: [] for mode in modes}  # (seconds, output tokens, {process: CPU seconds}) per run

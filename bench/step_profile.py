@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from speedx import LLM, SamplingParams
+from speedx.engine.config import EngineConfig
 from throughput import chat_prompt, device_name, make_workload
 
 # speedx._C functions that are no step's arithmetic; every other function of _C counts as a kernel.
@@ -289,7 +290,6 @@ def print_decode_step_profiles(results: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
     parser.add_argument("--phases", default=None,
                         help="comma list of run, kernels, steps (default: run,kernels,steps on CUDA, steps on a CPU)")
     parser.add_argument("--batch-sizes", default="1,64", help="steps phase: decode batch sizes")
@@ -302,12 +302,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=1024)
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=1024)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
-    parser.add_argument("--quantization", default=None, help="LLM(quantization=...) where given (default: the LLM's)")
     parser.add_argument("--profile-steps", type=int, default=8, help="eager decode steps under torch.profiler (0: none)")
     parser.add_argument("--out", default="bench/results/step_profile.json")
+    # Steps one at a time (no async scheduling): each step's span is its own.
+    EngineConfig.add_cli_args(parser, defaults={"dtype": "bfloat16", "max_num_batched_tokens": 8192,
+                                                "async_scheduling": False})
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     phases = set((args.phases or ("run,kernels,steps" if cuda else "steps")).split(","))
@@ -315,15 +314,13 @@ def main() -> None:
         raise SystemExit(f"--phases: unknown {sorted(phases - {'run', 'kernels', 'steps'})}; expected run, kernels, steps")
 
     timer = KernelTimer() if "steps" in phases and not cuda else None  # before the model is built
-    quantization = {} if args.quantization is None else {"quantization": args.quantization}
-    llm = LLM(args.model, dtype="bfloat16", max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_dtype=args.kv_cache_dtype, async_scheduling=False, **quantization)  # steps one at a time: each span is its own
+    llm = LLM.from_config(EngineConfig.from_cli_args(args))
     device = device_name("cuda" if cuda else "cpu")
     report = {"device": device, "args": vars(args)}
     if "steps" in phases:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
         report["decode_steps"] = decode_step_profiles(llm, timer, batch_sizes, args.step_prompt_len, args.steps, args.top)
-        print(f"decode steps of {args.model} in bfloat16 (quantization {args.quantization or 'default'}) on {device}, "
+        print(f"decode steps of {args.model} in {args.dtype} (quantization {args.quantization}) on {device}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         print_decode_step_profiles(report["decode_steps"])
     if phases & {"run", "kernels"}:

@@ -23,6 +23,7 @@ from pathlib import Path
 from throughput import device_name
 
 from speedx import LLM, SamplingParams
+from speedx.engine.config import EngineConfig
 from speedx.synth.families import parse_families, parse_mix
 from speedx.synth.pipeline import Planner, SynthesisRun
 from speedx.synth.tasks import Task
@@ -57,15 +58,15 @@ def pipeline(llm: LLM, planner: Planner, num_examples: int, params_factory, max_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
     parser.add_argument("--num-examples", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--max-attempts", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--out", default="bench/results/synthesis.json")
+    EngineConfig.add_cli_args(parser)
     args = parser.parse_args()
 
-    llm = LLM(args.model)
+    llm = LLM.from_config(EngineConfig.from_cli_args(args))
     families = parse_families(None, args.model)
     tasks = [Task(f"x{i}", f.name, text) for f in families for i, text in enumerate(f.example_tasks)]
     planner = Planner(families, parse_mix("7:7:7:2", families), tasks, seed=0)

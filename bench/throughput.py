@@ -18,8 +18,6 @@ FLOP/s, all at the measured copy bandwidth / matmul rate) over the measured time
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
 import json
 import os
 import platform
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 
 from speedx import LLM, SamplingParams
+from speedx.engine.config import EngineConfig
 from speedx.models.loader import load_config_and_weights, resolve_model_path
 
 CHAT = (
@@ -174,24 +173,8 @@ def time_vllm(model_path, prompts, output_len: int, dtype: str, repeats: int) ->
     return times[1:]
 
 
-def set_module_constant(assignment: str) -> None:
-    """--set MODULE.NAME=VALUE: a module-level switch flipped before the engine is built (A/B runs)."""
-    target, _, value = assignment.partition("=")
-    module_name, _, name = target.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-        parsed = ast.literal_eval(value)
-    except (ImportError, ValueError, SyntaxError) as exc:
-        raise SystemExit(f"--set {assignment}: expected MODULE.NAME=PYTHON_LITERAL ({exc})") from None
-    if not hasattr(module, name):
-        raise SystemExit(f"--set {assignment}: {module_name} has no {name}")
-    setattr(module, name, parsed)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--workload", choices=["chat", "random", "fixed"], default="chat")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=80)
@@ -199,30 +182,18 @@ def main() -> None:
     parser.add_argument("--min-len", type=int, default=100, help="random workload: shortest input/output")
     parser.add_argument("--max-len", type=int, default=1024, help="random workload: longest input/output")
     parser.add_argument("--hf-num-prompts", type=int, default=0, help="time transformers on this many prompts (0: all)")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--temperature", type=float, default=0.0, help="speedx only (transformers stays greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="speedx only")
     parser.add_argument("--profile", metavar="FILE", help="also write a cProfile (host time) of one more speedx run")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
-    parser.add_argument("--quantization", default="auto", choices=["auto", "gguf", "none"],
-                        help="LLM(quantization=): auto/gguf keep a GGUF model's Q4_0/Q4_1/Q8_0 weights on CPU, none dequantizes")
-    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                        help="launch decode steps a step ahead (default: the engine's, on for a GPU)")
-    parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
-                        help="flip a module constant first, e.g. speedx.kernels.triton_attention.PREFILL_ROWS=64")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", default="bench/results/throughput.json")
+    EngineConfig.add_cli_args(parser, defaults={"dtype": "bfloat16"})
     args = parser.parse_args()
-    for assignment in args.set:
-        set_module_constant(assignment)
 
-    llm = LLM(args.model, dtype=args.dtype, enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype,
-              async_scheduling=args.async_scheduling, quantization=args.quantization)
-    device, async_scheduling = str(llm.device), llm.engine.async_scheduling
+    llm = LLM.from_config(EngineConfig.from_cli_args(args))
+    device, async_scheduling, llm_config = str(llm.device), llm.engine.async_scheduling, llm.config.as_dict()
+    dtype = llm.dtype
     prompts, output_lens = make_workload(args, llm)
     total_out = sum(output_lens)
     print(f"{args.workload}: {args.num_prompts} prompts, {sum(map(len, prompts))} tokens in, {total_out} out, "
@@ -247,22 +218,22 @@ def main() -> None:
         args.skip_hf = True  # per-prompt lengths: transformers would pad every prompt and output
     if not args.skip_hf:
         hf_prompts = prompts[: args.hf_num_prompts or None]
-        hf = hf_model_like(args.model, getattr(torch, args.dtype), device)
+        hf = hf_model_like(args.model, dtype, device)
         time_hf(hf, hf_prompts[:4], 4, device)
         # speedx's time for the same subset is scaled by token count: tok/s is what is compared.
         results["transformers"] = [time_hf(hf, hf_prompts, args.output_len, device) * len(prompts) / len(hf_prompts)
                                    for _ in range(args.repeats)]
         del hf
-    vllm_times = time_vllm(args.model, prompts, args.output_len, args.dtype, args.repeats)
+    vllm_times = time_vllm(args.model, prompts, args.output_len, str(dtype).removeprefix("torch."), args.repeats)
     if vllm_times:
         results["vllm"] = vllm_times
 
     report = {
-        "device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": args.dtype,
+        "device": device_name(device), "torch": torch.__version__, "model": args.model, "dtype": str(dtype).removeprefix("torch."),
         "workload": args.workload, "num_prompts": args.num_prompts, "input_tokens": sum(map(len, prompts)),
         "output_tokens": total_out, "temperature": args.temperature, "top_p": args.top_p, "kv_cache_dtype": args.kv_cache_dtype,
         "quantization": args.quantization, "cuda_graphs": not args.enforce_eager,
-        "async_scheduling": async_scheduling, "set": args.set, "contenders": {},
+        "async_scheduling": async_scheduling, "engine_config": llm_config, "contenders": {},
     }
     print(f"{'engine':<14}{'median s':>10}{'out tok/s':>12}")
     for name, times in results.items():

@@ -227,8 +227,7 @@ def choose_num_splits(device: torch.device, programs: int, max_kv_len: int) -> i
 # (64 below: without wgmma, sm_80 spills registers at 128 rows, ptxas). H100, 2026-11-26: 128 ran
 # 1.6-1.7x the TFLOP/s of 64 on fresh prompts and 1.3x on a mixed step (bench/gpu_kernels.py
 # prefill_tiles), and the 8B grid 9,810 output tok/s against 9,009 (one H200 run with 3 stages had
-# shown 7% fewer; attention_config's note). A/B another end to end with
-# bench/throughput.py --set speedx.kernels.triton_attention.PREFILL_ROWS=64.
+# shown 7% fewer; attention_config's note).
 PREFILL_ROWS = 128
 
 # An fp8 cache's decode tile: keys per tile, warps, pipeline stages. Registers bound its occupancy
@@ -236,8 +235,7 @@ PREFILL_ROWS = 128
 # V with head dims contiguous, so 2 blocks (8 warps) fit an SM, and 166 over V with keys contiguous
 # (3 blocks); 64-key tiles there take under 100 (5 blocks, 20 warps, as the bf16 tile). H100,
 # 2026-11-26, 256 x 1536 over V with keys contiguous (bench/gpu_kernels.py decode_tiles): 0.87 of copy
-# bandwidth for this tile and (64, 4, 2), 0.84 for (128, 4, 3). A/B another end to end with
-# bench/throughput.py --set speedx.kernels.triton_attention.FP8_DECODE_TILE="(128, 4, 3)".
+# bandwidth for this tile and (64, 4, 2), 0.84 for (128, 4, 3).
 FP8_DECODE_TILE = (64, 4, 3)
 
 

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
 
 
 def _check_built() -> None:
@@ -31,6 +31,10 @@ def __getattr__(name):
         from speedx.engine.llm import LLM
 
         return LLM
+    if name == "EngineConfig":
+        from speedx.engine.config import EngineConfig
+
+        return EngineConfig
     if name == "SamplingParams":
         from speedx.engine.sampling_params import SamplingParams
 

@@ -37,15 +37,3 @@ def non_empty(what: str):
         return text
 
     return parse
-
-
-def memory_size(text: str) -> str:
-    """A size such as 4GiB or 512MiB, kept as text (it goes into the run's settings as written)."""
-    from speedx.engine.llm import parse_bytes
-
-    try:
-        if parse_bytes(text) > 0:
-            return text
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"got {text!r}; give a size such as 512MiB or 4GiB")

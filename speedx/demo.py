@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from speedx.engine.config import EngineConfig
+
 QUESTIONS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -23,17 +25,15 @@ QUESTIONS = [
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="speedx demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default", help="'default', a Hugging Face directory or a .gguf file")
-    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     parser.add_argument("--copies", type=int, default=4, help="how many times to repeat the prompt set")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--seed", type=int, default=0)
+    EngineConfig.add_cli_args(parser)
     args = parser.parse_args(argv)
 
     from speedx import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, seed=args.seed)
+    llm = LLM.from_config(EngineConfig.from_cli_args(args))
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS] * args.copies
     params = SamplingParams(temperature=args.temperature, top_p=0.95, max_tokens=args.max_tokens)
     start = time.perf_counter()

@@ -12,25 +12,24 @@ import os
 import sys
 from pathlib import Path
 
-from speedx.cli_types import memory_size, non_empty, number
+from speedx.cli_types import non_empty, number
+from speedx.engine.config import EngineConfig
 from speedx.synth import exit_codes
 from speedx.synth.families import DEFAULT_MIX, parse_families, parse_mix
 
 # Settings that must match for a re-run to resume a run directory (num_examples may grow). The
 # dtypes and the quantization change the logits and so the sampled text; manifests from before they were recorded lack them.
 RESUME_KEYS = ("model", "lora", "families", "mix", "seed", "temperature", "top_p", "max_tokens", "tasks", "topics",
-               "num_topics", "revisor", "revisor_lora", "json_mode", "shard", "dtype", "kv_cache_dtype", "quantization")
-PATH_KEYS = ("model", "lora", "tasks", "topics", "revisor", "revisor_lora")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+               "num_topics", "revisor", "revisor_lora", "json_mode", "shard", "dtype", "kv_cache_dtype", "quantization",
+               "tokenizer")
+PATH_KEYS = ("model", "lora", "tasks", "topics", "revisor", "revisor_lora", "tokenizer")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m speedx.generate", description=__doc__, epilog=exit_codes.HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    model, path, seed = non_empty("'default', a HF directory or a .gguf file"), non_empty("a path"), number(int, at_least=0)
+    model, path = non_empty("'default', a HF directory or a .gguf file"), non_empty("a path")
     price, count = number(float, at_least=0), number(int, at_least=1)
-    p.add_argument("--model", type=model, default="default", help="generator: 'default', a HF directory or a .gguf file")
-    p.add_argument("--lora", type=path, default=None, help="PEFT LoRA adapter of the generator, merged at load")
     p.add_argument("--families", type=non_empty("a comma list of families"), default=None,
                    help="comma list of retrieval, classification, sts, short_short, long_long, bitext "
                    "(default: all but bitext; for --model default also not long_long, whose 300-word texts "
@@ -44,7 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=number(float, above=0, at_most=1), default=1.0)
     p.add_argument("--max-tokens", type=number(int, at_least=16), default=1024,
                    help="per generated example (at least 16: room for its JSON)")
-    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--tasks", type=path, default=None, help="tasks file: JSONL {task, family?} or one task per line")
     p.add_argument("--topics", type=path, default=None, help="topics file (one 'A > B > C' path per line) for "
                    "brainstorming; default: the built-in taxonomy")
@@ -58,18 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=count, default=8,
                    help="attempts per example slot on average: the run makes at most this many times its slots "
                    "in all, and one slot at most 4x as many")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the checkpoint's (bfloat16 for GGUF)")
-    p.add_argument("--quantization", choices=("auto", "gguf", "none"), default="auto",
-                   help="auto: a GGUF model's Q4_0/Q4_1/Q8_0 weights stay quantized on CPU (as llama.cpp); "
-                   "none: widened to --dtype at load (exact parity with transformers)")
-    p.add_argument("--kv-cache-memory", type=memory_size, default=None, help="e.g. 4GiB (default: the engine's)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                   help="auto: the model's dtype; fp8: half the KV memory and traffic (GPU)")
-    p.add_argument("--max-num-seqs", type=count, default=256, help="sequences the engine runs at once")
     p.add_argument("--gpu-hour-price", type=price, default=2.0, help="$ per device-hour for the cost report")
     p.add_argument("--api-price-in", type=price, default=2.5, help="teacher API $ per 1M input tokens (GPT-4o)")
     p.add_argument("--api-price-out", type=price, default=10.0, help="teacher API $ per 1M output tokens (GPT-4o)")
     p.add_argument("--no-progress", action="store_true")
+    EngineConfig.add_cli_args(p, helps={
+        "model": "generator: 'default' (the embedded SmolLM2-135M-Instruct), a HF directory or a .gguf file",
+        "lora": "PEFT LoRA adapter of the generator, merged at load",
+        "seed": "seeds the brainstorm, the plan and every attempt (attempts are deterministic per seed, slot "
+                "and attempt number)"})
     return p
 
 

@@ -17,6 +17,8 @@ import signal
 import sys
 import threading
 
+from speedx.engine.config import EngineConfig
+
 EXIT_BAD_INPUT = 2
 
 
@@ -33,30 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = _Parser(prog="python -m speedx.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a HF directory or a .gguf file")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free one; default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env SPEEDX_API_KEY; "
                    "none = open). Prefer the env: flags show up in process lists")
     p.add_argument("--served-model-name", default=None, help="the model name clients send and /v1/models lists "
                    "(default: the --model value)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine runs at once")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: the engine's)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                   help="auto: the model's dtype; fp8: half the KV memory and traffic (GPU)")
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="launch each decode step before the previous one's tokens reach the host "
-                        "(default: on for a GPU, off on CPU)")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
                    help=f"largest max_tokens a request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT}, "
                         "and never more than the context length)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"largest request body; bigger ones get 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
-    p.add_argument("--seed", type=int, default=0, help="engine seed for requests without their own seed")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level")
+    EngineConfig.add_cli_args(p)
     return p
 
 
@@ -65,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
-    for name in ("max_num_seqs", "max_tokens_limit", "max_request_bytes"):
+    for name in ("max_tokens_limit", "max_request_bytes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     api_key = args.api_key or os.environ.get("SPEEDX_API_KEY") or None
@@ -82,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot bind {args.host}:{args.port}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                  kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
-                  async_scheduling=args.async_scheduling)
+        llm = LLM.from_config(EngineConfig.from_cli_args(args))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -130,17 +130,15 @@ def test_mismatched_params_list(tiny_llama):
 
 def test_bad_dtype_and_memory_size(tiny_llama):
     path, _, _ = tiny_llama
-    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+    with pytest.raises(ValueError, match=r"dtype='float8': expected one of auto, bfloat16"):
         LLM(str(path), dtype="float8")
-    with pytest.raises(ValueError, match="cannot read memory size"):
-        LLM(str(path), kv_cache_memory="lots")
-    for size in (-1, "0"):
-        with pytest.raises(ValueError, match="kv_cache_memory must be a positive size"):
+    for size in ("lots", -1, "0", True):
+        with pytest.raises(ValueError, match=r"kv_cache_memory=.*: expected a size such as '4GiB'"):
             LLM(str(path), kv_cache_memory=size)
     with pytest.raises(ValueError, match="holds no block of 16 tokens .* raise kv_cache_memory"):
         LLM(str(path), kv_cache_memory="16B")
-    for length in (-5, 0, 1):
-        with pytest.raises(ValueError, match="max_model_len must be an integer >= 2"):
+    for length in (-5, 0, 1, 2.5):
+        with pytest.raises(ValueError, match="max_model_len=.*: expected an integer >= 2"):
             LLM(str(path), max_model_len=length)
 
 

@@ -159,7 +159,7 @@ def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_llama):
                                     pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 @pytest.mark.parametrize("tile", [(32, 4, 3), (64, 4, 2), (256, 8, 2)], ids=str)
 def test_fp8_decode_tiles_over_v_with_keys_contiguous(monkeypatch, device, tile):
-    """FP8_DECODE_TILE candidates the GPU suite times (bench/throughput.py --set): tiles of 2, 4 and 16
+    """FP8_DECODE_TILE candidates the GPU suite times (bench/gpu_kernels.py decode_tiles): tiles of 2, 4 and 16
     whole cache blocks of V with keys contiguous, with and without split-KV."""
     from test_triton_attention import DECODE
 

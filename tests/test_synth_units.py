@@ -28,10 +28,15 @@ from speedx.synth.validate import validate_example
 @pytest.fixture
 def no_model(monkeypatch):
     """The commands under test must stop before they load a model."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the command went on to load a model")
+    class Refuse:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the command went on to load a model")
 
-    monkeypatch.setattr(speedx, "LLM", refuse)
+        @classmethod
+        def from_config(cls, config):
+            return cls()
+
+    monkeypatch.setattr(speedx, "LLM", Refuse)
 
 
 class FakeLLM:
@@ -42,6 +47,10 @@ class FakeLLM:
 
     def __init__(self, *args, **kwargs):
         pass
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config.as_dict())
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -234,9 +243,9 @@ def test_torn_last_line_is_cut_on_resume(tmp_path):
         (["--gpu-hour-price", "-1"], "argument --gpu-hour-price: got '-1'; give a finite number >= 0"),
         (["--api-price-in", "inf"], "argument --api-price-in: got 'inf'; give a finite number >= 0"),
         (["--api-price-out", "ten"], "argument --api-price-out: got 'ten'; give a finite number >= 0"),
-        (["--kv-cache-memory", "4 gigs"], "argument --kv-cache-memory: got '4 gigs'; give a size such as 512MiB"),
+        (["--kv-cache-memory", "4 gigs"], "argument --kv-cache-memory: got '4 gigs'; give a size such as '4GiB'"),
         (["--kv-cache-memory", "0GiB"], "argument --kv-cache-memory: got '0GiB'"),
-        (["--dtype", "bf17"], "argument --dtype: invalid choice: 'bf17'"),
+        (["--dtype", "bf17"], "argument --dtype: got 'bf17'; give one of auto, bfloat16, float16, float32"),
         (["--families", ""], "argument --families: got ''; give a comma list of families"),
         (["--model", ""], "argument --model: got ''"),
         (["--tasks", " "], "argument --tasks: got ' '; give a path"),

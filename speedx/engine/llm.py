@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import numbers
-import re
 import sys
 import time
 from collections import deque
@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Sequence as Seq
 import torch
 
 from speedx._C import BlockPool
+from speedx.engine.config import EngineConfig, parse_bytes
 from speedx.engine.llm_engine import LLMEngine
 from speedx.engine.model_runner import ModelRunner
 from speedx.engine.outputs import CompletionOutput, RequestOutput
@@ -55,69 +56,33 @@ Prompt = str | list[int]
 class LLM:
     """Offline batched generation with a paged KV cache, continuous batching and prefix caching.
 
-    model: "default" (embedded SmolLM2-135M-Instruct), a Hugging Face directory, or a .gguf file.
-    kv_cache_memory: KV cache size such as "4GiB" (default: 2GiB on CPU, the share of GPU memory
-    given by gpu_memory_utilization on CUDA). tokenizer: take the tokenizer from another path.
-    lora: a PEFT LoRA adapter directory trained on this model, merged into the weights at load.
-    enforce_eager: on CUDA, skip capturing CUDA graphs for decode steps (they are captured by default
-    when the Triton kernels are in use; capture takes a few seconds and some GPU memory).
-    kv_cache_dtype: "auto" (the model's dtype) or "fp8" (float8 e4m3, scale 1, as vLLM's "fp8"): half
-    the KV bytes, so twice the tokens in memory and half the cache traffic of a decode step, at the
-    cost of 3 mantissa bits per cached key/value. Meant for CUDA; on CPU it runs on the slower twins.
-    async_scheduling: launch each decode step before the previous step's tokens reach the host (its
-    inputs are read on the device), so the host's per-step work overlaps the GPU's, as vLLM's option
-    of that name. Same tokens; a sequence that stops computes one token more, which is dropped.
-    Default (None): on for CUDA, off on CPU, where there is nothing to overlap (vLLM's default too).
-    On an H200 it gave the 8B 1024/1024 grid 10,802 output tok/s against 9,440 without it.
-    quantization: "auto" (default) keeps a GGUF model's Q4_0/Q4_1/Q8_0 weights quantized on CPU, as
-    llama.cpp does (~4x fewer bytes per decode step than bf16; other layers stay dense); "gguf" asks
-    for that and is a ValueError for a non-GGUF model, on CUDA or with lora; "none" dequantizes every
-    weight at load (bf16 arithmetic, exact parity with transformers).
+    `LLM(model, **settings)`: the settings are EngineConfig's (speedx/engine/config.py says what each
+    does), as vLLM's LLM takes EngineArgs' as keyword arguments; `LLM.from_config(config)` takes a
+    whole EngineConfig. The one in use is `llm.config`.
     """
 
-    def __init__(
-        self,
-        model: str = "default",
-        dtype: str | torch.dtype = "auto",
-        max_model_len: int | None = None,
-        kv_cache_memory: str | int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
-        seed: int = 0,
-        device: str | None = None,
-        tokenizer: str | None = None,
-        enforce_eager: bool = False,
-        lora: str | None = None,
-        kv_cache_dtype: str = "auto",
-        async_scheduling: bool | None = None,
-        quantization: str = "auto",
-    ):
-        if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
-            raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be >= 1")
-        if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 2):
-            raise ValueError(f"max_model_len must be an integer >= 2 (a prompt token and a generated one) or None "
-                             f"(the model's limit), got {max_model_len!r}")
+    def __init__(self, model: str = "default", **settings):
+        self.config = config = EngineConfig.from_kwargs(model=model, **settings)
+        model, lora, block_size, max_num_seqs = config.model, config.lora, config.block_size, config.max_num_seqs
         path = resolve_model_path(model)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        keep_quantized = resolve_quantization(quantization, path, self.device, lora is not None)
-        config, weights = load_config_and_weights(path)  # weights: lazy, read by load_weights below
-        self._sampling_defaults = _checked_sampling_defaults(config.sampling_defaults, path)
-        self.tokenizer = load_tokenizer(resolve_model_path(tokenizer) if tokenizer else path)  # fail fast
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        keep_quantized = resolve_quantization(config.quantization, path, self.device, lora is not None)
+        model_config, weights = load_config_and_weights(path)  # weights: lazy, read by load_weights below
+        self._sampling_defaults = _checked_sampling_defaults(model_config.sampling_defaults, path)
+        self.tokenizer = load_tokenizer(resolve_model_path(config.tokenizer) if config.tokenizer else path)  # fail fast
         if lora is not None:
             weights = LoRAAdapter.load(lora).merge(weights)
-        self.dtype = _resolve_dtype(dtype, path)
-        self.kv_cache_dtype = _resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)
-        limit = min(config.max_position_embeddings, config.sliding_window or config.max_position_embeddings)
+        self.dtype = _resolve_dtype(config.dtype, path)
+        self.kv_cache_dtype = _resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device)
+        max_model_len = config.max_model_len
+        limit = min(model_config.max_position_embeddings, model_config.sliding_window or model_config.max_position_embeddings)
         if max_model_len is not None and max_model_len > limit:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's limit of {limit} tokens")
         max_model_len = max_model_len or limit
 
-        torch.manual_seed(seed)  # parameters are overwritten; this only makes init cheap and repeatable
+        torch.manual_seed(config.seed)  # parameters are overwritten; this only makes init cheap and repeatable
         with torch.device(self.device), _default_dtype(self.dtype):  # no fp32 copy of an 8B model on the GPU
-            net = LlamaForCausalLM(config, max_position=max_model_len)
+            net = LlamaForCausalLM(model_config, max_position=max_model_len)
         net.load_weights(weights)
         net.to(self.dtype).eval()
         net.rotary.to(torch.float32)  # keep the cos/sin tables in fp32
@@ -126,11 +91,12 @@ class LLM:
             use_fast_cpu_matmuls(net, self.dtype, gguf_quantized_weights(path) if keep_quantized else None, fast_dense)
             net.lm_head.out_dtype = torch.float32  # logits feed the sampler in fp32 anyway
 
-        bytes_per_token = ModelRunner.kv_bytes_per_token(config, self.kv_cache_dtype)
-        budget = self._kv_budget(kv_cache_memory, gpu_memory_utilization, bytes_per_token * max_model_len * max_num_seqs)
+        bytes_per_token = ModelRunner.kv_bytes_per_token(model_config, self.kv_cache_dtype)
+        budget = self._kv_budget(config.kv_cache_memory, config.gpu_memory_utilization,
+                                 bytes_per_token * max_model_len * max_num_seqs)
         num_blocks = budget // (bytes_per_token * block_size)
         if num_blocks < 1:
-            hint = ("raise kv_cache_memory" if kv_cache_memory is not None or self.device.type == "cpu"
+            hint = ("raise kv_cache_memory" if config.kv_cache_memory is not None or self.device.type == "cpu"
                     else "free GPU memory or raise gpu_memory_utilization")
             raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {block_size} tokens "
                              f"({bytes_per_token * block_size} bytes); {hint}")
@@ -138,14 +104,13 @@ class LLM:
         if capacity < max_model_len:
             logger.warning("KV cache holds %d tokens < max_model_len %d: capping max_model_len", capacity, max_model_len)
             max_model_len = capacity
-        pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
-        if async_scheduling is None:
-            async_scheduling = self.device.type == "cuda"
+        pool = BlockPool(num_blocks, block_size, config.enable_prefix_caching)
+        async_scheduling = self.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
         self.engine = LLMEngine(net, self.tokenizer, pool, self.device, self.kv_cache_dtype, max_model_len,
-                                max_num_seqs, max_num_batched_tokens, seed, async_scheduling)
+                                max_num_seqs, config.max_num_batched_tokens, config.seed, async_scheduling)
         self.model_name = str(model) + (f" + LoRA {lora}" if lora else "")
         self.max_model_len = max_model_len
-        if not enforce_eager:
+        if not config.enforce_eager:
             start = time.perf_counter()
             if self.engine.runner.capture_decode_graphs(max_num_seqs, max_model_len):
                 logger.info("captured CUDA graphs for decode batches up to %d in %.1f s", max_num_seqs,
@@ -153,16 +118,17 @@ class LLM:
         logger.info(
             "model %s (%s, %d layers) dtype %s on %s; KV cache %d tokens (%s, %.2f GiB, blocks of %d); "
             "max concurrency %.1f sequences of %d tokens",
-            self.model_name, config.model_type, config.num_hidden_layers, str(self.dtype).removeprefix("torch."), self.device,
+            self.model_name, model_config.model_type, model_config.num_hidden_layers, str(self.dtype).removeprefix("torch."), self.device,
             capacity, str(self.kv_cache_dtype).removeprefix("torch."), num_blocks * block_size * bytes_per_token / 2**30, block_size, capacity / max_model_len, max_model_len,
         )
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLM":
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+
     def _kv_budget(self, kv_cache_memory, gpu_memory_utilization: float, useful_bytes: int) -> int:
         if kv_cache_memory is not None:
-            size = parse_bytes(kv_cache_memory)
-            if size <= 0:
-                raise ValueError(f"kv_cache_memory must be a positive size such as '4GiB', got {kv_cache_memory!r}")
-            return size
+            return parse_bytes(kv_cache_memory)  # EngineConfig checked it is positive
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # blocks the allocator cached while loading count as used otherwise
             free, total = torch.cuda.mem_get_info(self.device)
@@ -380,16 +346,6 @@ def _resolve_dtype(dtype, path) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def parse_bytes(size: str | int) -> int:
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B?)\s*", size, re.IGNORECASE)
-    if not match:
-        raise ValueError(f"cannot read memory size {size!r}; write it like '512MiB' or '4GiB'")
-    units = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-    return int(float(match.group(1)) * units[match.group(2).lower().rstrip("b").rstrip("i")])
 
 
 class _Progress:

@@ -66,14 +66,14 @@ def run_generate(args, checked) -> dict:
 
     import speedx
     from speedx import LLM
+    from speedx.engine.config import EngineConfig
 
     out: Path = checked["out"]
     manifest_path = out / "manifest.json"
     previous = read_manifest(manifest_path)
     start = time.perf_counter()  # the device is held (and paid for) from the model load on
-    llm = LLM(args.model, dtype=args.dtype, seed=args.seed, kv_cache_memory=args.kv_cache_memory,
-              kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, lora=args.lora,
-              quantization=args.quantization)
+    engine_config = EngineConfig.from_cli_args(args)
+    llm = LLM.from_config(engine_config)
     if args.json_mode == "constrained":
         compile_schemas(llm, checked["families"])
     # The settings go on disk before any other file of the run, so that whatever a killed or failed
@@ -88,9 +88,7 @@ def run_generate(args, checked) -> dict:
     revisor = None
     if args.revisor:
         same = (args.revisor, args.revisor_lora) == (args.model, args.lora)
-        revisor_llm = llm if same else LLM(args.revisor, dtype=args.dtype, seed=args.seed, lora=args.revisor_lora,
-                                           kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-                                           max_num_seqs=args.max_num_seqs, quantization=args.quantization)
+        revisor_llm = llm if same else LLM.from_config(engine_config.replace(model=args.revisor, lora=args.revisor_lora))
         revisor = (revisor_llm, sampling_factory(args.temperature, args.top_p, args.max_tokens))
     planner = Planner(checked["families"], checked["weights"], tasks, args.seed)
     slots = shard_slots(args.num_examples, checked["shard"])
