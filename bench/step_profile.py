@@ -199,7 +199,7 @@ class KernelTimer:
 def start_decoding(llm: LLM, prompt: list[int], batch: int) -> None:
     """`batch` greedy requests of `prompt`, stepped until every one is decoding one token a step."""
     engine = llm.engine
-    engine.pool.reset_prefix_cache()
+    engine.reset_prefix_cache()
     for i in range(batch):
         engine.add_request(f"steps-{batch}-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True))
     while engine.step()[1].num_prefill_tokens:
@@ -344,7 +344,7 @@ def workload_run(llm: LLM, args, prompts, output_lens, device: str) -> dict:
     kv_per_token = llm.engine.runner.kv_bytes_per_token(model.config, llm.kv_cache_dtype)
 
     llm.generate(prompts[:8], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
-    llm.engine.pool.reset_prefix_cache()
+    llm.reset_prefix_cache()
     timer = StepTimer(llm)
     start = time.perf_counter()
     llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens], use_tqdm=False)
@@ -353,7 +353,7 @@ def workload_run(llm: LLM, args, prompts, output_lens, device: str) -> dict:
 
     print(f"\n{args.workload}: {args.num_prompts} prompts, {sum(output_lens)} tokens out in {total:.1f} s = "
           f"{sum(output_lens) / total:.0f} tok/s on {device}; KV cache "
-          f"{llm.engine.pool.num_blocks * llm.engine.pool.block_size} tokens; preempted "
+          f"{llm.engine.stats().kv_cache_blocks * llm.engine.stats().block_size} tokens; preempted "
           f"{sum(r['preempted'] for r in timer.records)}; copy {bandwidth / 1e12:.2f} TB/s, bf16 {flops / 1e12:.0f} TFLOP/s")
     print(f"{'kind':<8}{'steps':>7}{'seqs':>7}{'wall s':>9}{'share':>7}{'host s':>8}{'span s':>8}{'floor s':>9}{'floor/span':>11}")
     for r in rows:

@@ -33,7 +33,7 @@ def bare_engine(llm: LLM, planner: Planner, num_examples: int, params_factory) -
     requests = [planner.request(slot, 0) for slot in range(num_examples)]
     prompts = [llm.apply_chat_template(r.messages) for r in requests]
     params = [params_factory(seed=r.seed, json_schema=r.family.json_schema()) for r in requests]
-    llm.engine.pool.reset_prefix_cache()
+    llm.reset_prefix_cache()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -41,7 +41,7 @@ def bare_engine(llm: LLM, planner: Planner, num_examples: int, params_factory) -
 
 
 def pipeline(llm: LLM, planner: Planner, num_examples: int, params_factory, max_attempts: int, surplus: bool) -> dict:
-    llm.engine.pool.reset_prefix_cache()
+    llm.reset_prefix_cache()
     out_dir = Path(tempfile.mkdtemp(prefix="speedx-bench-"))
     try:
         run = SynthesisRun(llm, planner, out_dir, list(range(num_examples)), "constrained", params_factory,

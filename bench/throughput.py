@@ -101,7 +101,7 @@ def make_workload(args, llm: LLM) -> tuple[list[list[int]], list[int]]:
 
 def time_speedx(llm: LLM, prompts, output_lens: list[int], temperature=0.0, top_p=1.0) -> tuple[float, int]:
     """Seconds and engine steps for one run."""
-    llm.engine.pool.reset_prefix_cache()  # sharing within a run counts; carry-over between repeats does not
+    llm.reset_prefix_cache()  # sharing within a run counts; carry-over between repeats does not
     params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=n, ignore_eos=True) for n in output_lens]
     steps = 0
     step = llm.engine.step

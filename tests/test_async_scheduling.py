@@ -76,7 +76,7 @@ def test_preemption_same_as_sync(tiny_llama):
     launches = spy_on_launches(llm)
     assert outputs_of(llm, prompts, params) == expected
     assert any(launches)
-    assert llm.engine.pool.num_free_blocks == 16  # nothing leaked
+    assert llm.engine.stats().kv_cache_free_blocks == 16  # nothing leaked
 
 
 def test_abort_while_a_step_runs_ahead(tiny_llama):

@@ -44,7 +44,7 @@ def test_fused_cpu_step_equals_the_module_path(tiny_model, monkeypatch, max_num_
 
     tokens, logits, fused = run_recording_logits(llm, prompts, params)
     assert fused == len(logits) > 0  # every step took the fused path
-    llm.engine.pool.reset_prefix_cache()
+    llm.reset_prefix_cache()
     monkeypatch.setattr(LlamaForCausalLM, "fused_cpu_step", lambda self, hidden, meta: False)
     ref_tokens, ref_logits, ref_fused = run_recording_logits(llm, prompts, params)
     assert ref_fused == 0

@@ -92,7 +92,7 @@ def test_llm_takes_its_settings_as_keywords_or_a_config(tiny_llama):
     path, _, _ = tiny_llama
     llm = LLM(str(path), dtype="float32", max_num_seqs=3, kv_cache_memory="64MiB")
     assert llm.config == EngineConfig(model=str(path), dtype="float32", max_num_seqs=3, kv_cache_memory="64MiB")
-    assert llm.engine.scheduler.max_num_seqs == 3
-    assert LLM.from_config(llm.config.replace(max_num_seqs=5)).engine.scheduler.max_num_seqs == 5
+    assert llm.engine.stats().max_num_seqs == 3
+    assert LLM.from_config(llm.config.replace(max_num_seqs=5)).engine.stats().max_num_seqs == 5
     with pytest.raises(TypeError, match="unknown engine setting.s. max_batch"):
         LLM(str(path), max_batch=3)

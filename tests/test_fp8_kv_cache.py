@@ -131,7 +131,7 @@ def test_llm_fp8_cache_holds_twice_the_tokens_and_generates(tiny_llama):
     half = make_llm(path, dtype="bfloat16", kv_cache_memory="1MiB")
     fp8 = make_llm(path, dtype="bfloat16", kv_cache_memory="1MiB", kv_cache_dtype="fp8")
     assert fp8.engine.runner.kv_cache.dtype == FP8
-    assert 0 <= fp8.engine.pool.num_blocks - 2 * half.engine.pool.num_blocks <= 1  # (rounded down to whole blocks)
+    assert 0 <= fp8.engine.stats().kv_cache_blocks - 2 * half.engine.stats().kv_cache_blocks <= 1  # (rounded down to whole blocks)
     prompts = random_prompts(len(tok), [7, 19], seed=3)
     outputs = fp8.generate(prompts + prompts[:1], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [6, 6, 6]

@@ -18,12 +18,12 @@ def test_tiny_pool_forces_preemption(tiny_llama):
     path, model, tok = tiny_llama
     # 16 blocks x 4 tokens = 64 slots for 6 sequences needing up to 54 each: preemption must happen.
     llm = make_llm(path, kv_cache_memory=16 * 4 * llm_bytes_per_token(model))
-    assert llm.engine.pool.num_blocks == 16
+    assert llm.engine.stats().kv_cache_blocks == 16
     prompts = random_prompts(len(tok), [30, 12, 25, 7, 19, 28], seed=1)
     preempted = count_preemptions(llm)
     assert_matches_hf(llm, model, prompts)
     assert sum(preempted) > 0
-    assert llm.engine.pool.num_free_blocks == 16  # nothing leaked
+    assert llm.engine.stats().kv_cache_free_blocks == 16  # nothing leaked
 
 
 def test_shared_prefix_hits_prefix_cache(tiny_model):

@@ -271,7 +271,8 @@ def test_engine_abort_request_frees_blocks_and_spares_the_others(tiny_llama):
         outputs += engine.step()[0]
     assert [o.request_id for o in outputs] == ["keep"]
     assert [c.token_ids for c in outputs[0].outputs] == [c.token_ids for c in alone.outputs]
-    assert engine.pool.num_sequences == 0 and not engine.scheduler.running and not engine.scheduler.waiting
+    stats = engine.stats()
+    assert (stats.num_running, stats.num_waiting, stats.kv_cache_free_blocks) == (0, 0, stats.kv_cache_blocks)
 
 
 @pytest.fixture
@@ -293,8 +294,9 @@ def _wait_for_abort(engine, aborted):
     assert aborted and aborted[0][1] is True, aborted  # it was still running, and now it is gone
     while engine.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not engine.requests and not engine.scheduler.running and not engine.scheduler.waiting
-    assert engine.pool.num_sequences == 0  # no sequence holds KV blocks any more
+    stats = engine.stats()  # no request left, and no sequence holds KV blocks any more
+    assert (stats.num_unfinished_requests, stats.num_running, stats.num_waiting) == (0, 0, 0)
+    assert stats.kv_cache_free_blocks == stats.kv_cache_blocks
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_kv(server, slow_engine):

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from speedx import SamplingParams
+from speedx.engine.llm_engine import StepStats
 from speedx.engine.outputs import CompletionOutput, RequestOutput
 from speedx.synth.families import FAMILIES
 from speedx.synth.pipeline import AttemptBudget, Planner, RunState, SynthesisRun
@@ -33,10 +34,9 @@ class ScriptedEngine:
     """The part of LLMEngine a synthesis run uses; runs up to max_num_seqs requests per step."""
 
     def __init__(self, max_num_seqs: int, valid_every: int):
-        self.scheduler = SimpleNamespace(max_num_seqs=max_num_seqs)
+        self.max_num_seqs = max_num_seqs
         self.valid_every = valid_every
         self.requests: dict[str, list] = {}  # id -> [steps left, text]
-        self.step_sequences: list = []
         self.batches: list[int] = []
         self.aborted: list[str] = []
         self.submitted = 0
@@ -44,14 +44,16 @@ class ScriptedEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def stats(self):
+        return SimpleNamespace(max_num_seqs=self.max_num_seqs)
+
     def add_request(self, request_id: str, prompt: str, params: SamplingParams) -> None:
         text, steps = scripted_text(params.seed, self.valid_every)
         self.submitted += 1
         self.requests[request_id] = [steps, text]
 
     def step(self):
-        batch = list(self.requests)[: self.scheduler.max_num_seqs]
-        self.step_sequences = batch
+        batch = list(self.requests)[: self.max_num_seqs]
         self.batches.append(len(batch))
         finished = []
         for request_id in batch:
@@ -60,7 +62,7 @@ class ScriptedEngine:
             if entry[0] == 0:
                 del self.requests[request_id]
                 finished.append(RequestOutput(request_id, None, [0] * 10, [CompletionOutput(0, entry[1], [1] * 7, "stop")]))
-        return finished, None
+        return finished, StepStats(num_sequences=len(batch))
 
     def abort_request(self, request_id: str) -> bool:
         self.aborted.append(request_id)

@@ -17,7 +17,7 @@ from speedx._C import BlockPool
 from speedx.engine.config import EngineConfig, parse_bytes
 from speedx.engine.llm_engine import LLMEngine
 from speedx.engine.model_runner import ModelRunner
-from speedx.engine.outputs import CompletionOutput, RequestOutput
+from speedx.engine.outputs import RequestOutput
 from speedx.engine.sampling_params import SamplingParams
 from speedx.kernels.dispatch import use_triton
 from speedx.models.cpu_linear import resolve_quantization, use_fast_cpu_matmuls
@@ -136,6 +136,9 @@ class LLM:
             return max(int(free - reserve), 0)
         return min(parse_bytes(DEFAULT_CPU_KV_CACHE), useful_bytes)
 
+    def reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()
+
     def get_tokenizer(self):
         return self.tokenizer
 
@@ -223,7 +226,7 @@ class LLM:
                     ids[request_id] = index
                 except ValueError as exc:
                     logger.warning("%s", exc)
-                    yield index, _error_output(request_id, prompt, str(exc))
+                    yield index, RequestOutput.from_error(request_id, prompt, str(exc))
             progress = _Progress(len(ids), use_tqdm)
             while engine.has_unfinished_requests():
                 finished, stats = engine.step()
@@ -298,12 +301,6 @@ def _params_for(prompts: list, sampling_params) -> list[SamplingParams]:
     if len(sampling_params) != len(prompts):
         raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts; give one or one each")
     return sampling_params
-
-
-def _error_output(request_id: str, prompt, message: str) -> RequestOutput:
-    text = prompt if isinstance(prompt, str) else None
-    ids = [] if isinstance(prompt, str) else list(prompt)
-    return RequestOutput(request_id, text, ids, [CompletionOutput(0, "", [], "error")], error=message)
 
 
 def _resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:

@@ -15,8 +15,8 @@ from speedx.engine.outputs import CompletionOutput, RequestOutput
 from speedx.engine.sampling_params import SamplingParams
 from speedx.engine.scheduler import ScheduledBatch, Scheduler
 from speedx.engine.sequence import Request, Sequence, SequenceStatus
-from speedx.engine.sampler import splitmix64
 from speedx.engine.structured_output import StructuredOutputs
+from speedx.hashing import splitmix64
 
 logger = logging.getLogger("speedx")
 
@@ -26,14 +26,32 @@ class StepStats:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     num_preempted: int = 0
+    num_sequences: int = 0  # sequences that got a token: the step's batch
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's state between steps."""
+
+    num_unfinished_requests: int
+    num_running: int
+    num_waiting: int
+    max_num_seqs: int
+    kv_cache_blocks: int
+    kv_cache_free_blocks: int
+    block_size: int
+
+
 class LLMEngine:
+    """The step loop. Its public surface, used by LLM, the async server engine and the synthesis
+    pipeline: add_request, step, abort_request, abort_all, has_unfinished_requests, stats,
+    reset_prefix_cache; step_sequences and output_text for streaming. The scheduler owns the queues
+    and the KV block pool."""
+
     def __init__(self, model, tokenizer, pool: BlockPool, device, kv_cache_dtype, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, seed: int, async_scheduling: bool = False):
         self.tokenizer = tokenizer
-        self.pool = pool
         self.max_model_len = max_model_len
         self.vocab_size = model.config.vocab_size
         self.seed = seed
@@ -94,12 +112,7 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every unfinished request and release its KV blocks."""
-        for request in self.requests.values():
-            for seq in request.sequences:
-                if self.pool.has_sequence(seq.seq_id):
-                    self.pool.free_sequence(seq.seq_id)
-        self.scheduler.waiting.clear()
-        self.scheduler.running.clear()
+        self.scheduler.abort_all()
         self.requests.clear()
         self._compiling.clear()
         self._ahead = None  # its device work finishes on its own; nothing reads its tokens
@@ -111,12 +124,7 @@ class LLMEngine:
         if request is None:
             return False
         for seq in request.sequences:
-            if seq in self.scheduler.waiting:
-                self.scheduler.waiting.remove(seq)
-            elif seq in self.scheduler.running:
-                self.scheduler.running.remove(seq)
-            if self.pool.has_sequence(seq.seq_id):
-                self.pool.free_sequence(seq.seq_id)
+            self.scheduler.abort(seq)
             if not seq.is_finished:
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
         if request in self._compiling:
@@ -125,6 +133,16 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        scheduler = self.scheduler
+        blocks, free, block_size = scheduler.kv_cache_usage()
+        return EngineStats(len(self.requests), len(scheduler.running), len(scheduler.waiting), scheduler.max_num_seqs,
+                           blocks, free, block_size)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached prompt prefixes, e.g. between timed runs (as vLLM's reset_prefix_cache)."""
+        self.scheduler.reset_prefix_cache()
 
     # ------------------------------------------------------------------ step loop
 
@@ -157,14 +175,13 @@ class LLMEngine:
             else:
                 stats.num_prefill_tokens += count
             seq.num_computed_tokens += count
-            self._register_computed_blocks(seq)
+            self.scheduler.register_computed_blocks(seq)
             if not tokens:
                 continue
             for sample_index, token in enumerate(tokens[1:], start=1):
                 child = seq.fork(sample_index)
-                self.pool.fork(seq.seq_id, child.seq_id)
                 seq.request.sequences.append(child)
-                self.scheduler.add_running(child)
+                self.scheduler.fork(seq, child)
                 if seq.matcher is not None:  # fresh: fork time is before the parent accepts its first token
                     child.matcher = self.structured_outputs.matcher(seq.request.grammar.result())
                 self._append_token(child, token)
@@ -172,6 +189,7 @@ class LLMEngine:
             request = seq.request
             if seq.is_finished and request.finished and request.request_id in self.requests:
                 finished.append(self._finish_request(request))
+        stats.num_sequences = len(self.step_sequences)
         stats.seconds = time.perf_counter() - start
         return finished, stats
 
@@ -184,7 +202,7 @@ class LLMEngine:
         token is dropped, and a prompt waiting for its place is admitted a step later. Those the length
         limit will stop are left out."""
         scheduler = self.scheduler
-        if self._compiling or (scheduler.waiting and len(scheduler.running) < scheduler.max_num_seqs):
+        if self._compiling or scheduler.could_admit:
             return None
         rows, seqs, ending = [], [], 0
         for i, (seq, count) in enumerate(zip(batch.sequences, batch.num_new_tokens)):
@@ -199,17 +217,10 @@ class LLMEngine:
             seqs.append(seq)
         if not seqs or len(seqs) + ending != len(scheduler.running) or len(seqs) > scheduler.max_num_batched_tokens:
             return None
-        if not all(self.pool.ensure_capacity(s.seq_id, s.num_tokens, s.num_tokens + 1) for s in seqs):
+        if not scheduler.reserve_next_token(seqs):
             return None  # the next schedule() preempts as it must
         ahead = ScheduledBatch(seqs, [1] * len(seqs))
         return ahead, self.runner.launch(ahead, follows=(pending, rows))
-
-    def _register_computed_blocks(self, seq: Sequence) -> None:
-        full = seq.num_computed_tokens // self.pool.block_size
-        if full > seq.num_registered_blocks:
-            bs = self.pool.block_size
-            self.pool.register_blocks(seq.seq_id, seq.token_ids[seq.num_registered_blocks * bs : full * bs])
-            seq.num_registered_blocks = full
 
     def _take_compiled_grammars(self) -> list[RequestOutput]:
         """Give each request whose grammar is compiled its matcher; fail those whose compile failed."""
@@ -224,7 +235,7 @@ class LLMEngine:
             except Exception as exc:
                 logger.warning("request %s: the JSON schema could not be compiled: %s", request.request_id, exc)
                 request.error = f"request {request.request_id}: the JSON schema could not be compiled: {exc}"
-                self.scheduler.waiting.remove(seq)  # never admitted: it holds no KV blocks
+                self.scheduler.abort(seq)  # never admitted: it holds no KV blocks
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
                 failed.append(self._finish_request(request))
         self._compiling = pending

@@ -28,6 +28,13 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # set when this request was rejected; the others still ran
 
+    @classmethod
+    def from_error(cls, request_id: str, prompt: str | list[int] | None, message: str) -> "RequestOutput":
+        """The output of a request that could not be served (it never ran)."""
+        text = prompt if isinstance(prompt, str) else None
+        ids = [] if prompt is None or isinstance(prompt, str) else list(prompt)
+        return cls(request_id, text, ids, [CompletionOutput(0, "", [], "error")], error=message)
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)

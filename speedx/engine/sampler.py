@@ -10,26 +10,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from speedx.hashing import MASK64, splitmix64
 from speedx.kernels.dispatch import use_triton
-
-_MASK64 = (1 << 64) - 1
-
-
-def splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 def counter_uniform(seed: int, sample_index: int, position: int) -> float:
     """A uniform in [0, 1) that depends only on its three arguments."""
-    x = splitmix64((seed & _MASK64) ^ splitmix64(sample_index ^ splitmix64(position)))
+    x = splitmix64((seed & MASK64) ^ splitmix64(sample_index ^ splitmix64(position)))
     return (x >> 11) * 2.0**-53
 
 
 def _splitmix64_array(x: np.ndarray) -> np.ndarray:
-    x = x + np.uint64(0x9E3779B97F4A7C15)  # uint64 arithmetic wraps like the & _MASK64 above
+    x = x + np.uint64(0x9E3779B97F4A7C15)  # uint64 arithmetic wraps like the & MASK64 above
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
@@ -37,7 +29,7 @@ def _splitmix64_array(x: np.ndarray) -> np.ndarray:
 
 def counter_uniforms(seeds, sample_indices, positions) -> np.ndarray:
     """counter_uniform over whole rows at once (float64 array)."""
-    seeds = np.fromiter((s & _MASK64 for s in seeds), dtype=np.uint64)
+    seeds = np.fromiter((s & MASK64 for s in seeds), dtype=np.uint64)
     sample_indices = np.asarray(sample_indices, dtype=np.uint64)
     positions = np.asarray(positions, dtype=np.uint64)
     x = _splitmix64_array(seeds ^ _splitmix64_array(sample_indices ^ _splitmix64_array(positions)))

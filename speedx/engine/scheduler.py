@@ -106,10 +106,48 @@ class Scheduler:
         seq.num_computed_tokens = 0
         self.waiting.appendleft(seq)
 
-    def add_running(self, seq: Sequence) -> None:
-        """A forked sample: already holds (shared) blocks, joins the running set."""
-        self.running.append(seq)
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """A further sample of parent: shares its blocks (copy on write) and joins the running set."""
+        self.pool.fork(parent.seq_id, child.seq_id)
+        self.running.append(child)
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.pool.free_sequence(seq.seq_id)
+
+    def abort(self, seq: Sequence) -> None:
+        """Unschedule seq wherever it is and release its blocks."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
+        if self.pool.has_sequence(seq.seq_id):
+            self.pool.free_sequence(seq.seq_id)
+
+    def abort_all(self) -> None:
+        for seq in [*self.waiting, *self.running]:
+            self.abort(seq)
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """Offer seq's newly full blocks to the prefix cache."""
+        bs = self.pool.block_size
+        full = seq.num_computed_tokens // bs
+        if full > seq.num_registered_blocks:
+            self.pool.register_blocks(seq.seq_id, seq.token_ids[seq.num_registered_blocks * bs : full * bs])
+            seq.num_registered_blocks = full
+
+    def reserve_next_token(self, seqs: list[Sequence]) -> bool:
+        """KV room for one more token of each, without preempting anyone (async scheduling)."""
+        return all(self.pool.ensure_capacity(s.seq_id, s.num_tokens, s.num_tokens + 1) for s in seqs)
+
+    @property
+    def could_admit(self) -> bool:
+        """A waiting sequence would be admitted if blocks allow (max_num_seqs leaves room)."""
+        return bool(self.waiting) and len(self.running) < self.max_num_seqs
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()
+
+    def kv_cache_usage(self) -> tuple[int, int, int]:
+        """(blocks in all, blocks free, tokens per block)."""
+        return self.pool.num_blocks, self.pool.num_free_blocks, self.pool.block_size

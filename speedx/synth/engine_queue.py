@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from speedx.engine.outputs import RequestOutput
+
 
 class EngineQueue:
     """Requests in, (tag, output) pairs out as each finishes; one request's error fails it alone."""
@@ -14,7 +16,7 @@ class EngineQueue:
         self.engine = llm.engine
         if self.engine.has_unfinished_requests():
             raise RuntimeError("the engine is busy with another generate call")
-        self.max_batch = self.engine.scheduler.max_num_seqs
+        self.max_batch = self.engine.stats().max_num_seqs
         self.capacity = 2 * self.max_batch  # a queue deep enough to keep batches full
         self.tags: dict[str, object] = {}
         self.errors: list = []
@@ -40,7 +42,7 @@ class EngineQueue:
         try:
             self.engine.add_request(request_id, self.llm.apply_chat_template(messages), params)
         except ValueError as exc:  # e.g. a prompt longer than the model: this attempt fails alone
-            self.errors.append((tag, _error_output(request_id, str(exc))))
+            self.errors.append((tag, RequestOutput.from_error(request_id, None, str(exc))))
             return None
         self.tags[request_id] = tag
         return request_id
@@ -49,8 +51,8 @@ class EngineQueue:
         finished, self.errors = self.errors, []
         if self.tags:
             start = time.perf_counter()
-            outputs, _ = self.engine.step()
-            self.occupancy.add(len(self.engine.step_sequences), target_batch, time.perf_counter() - start)
+            outputs, stats = self.engine.step()
+            self.occupancy.add(stats.num_sequences, target_batch, time.perf_counter() - start)
             finished += [(self.tags.pop(out.request_id), out) for out in outputs]
         return finished
 
@@ -62,12 +64,6 @@ class EngineQueue:
     def abort_all(self) -> None:
         self.engine.abort_all()
         self.tags.clear()
-
-
-def _error_output(request_id: str, message: str):
-    from speedx.engine.outputs import CompletionOutput, RequestOutput
-
-    return RequestOutput(request_id, None, [], [CompletionOutput(0, "", [], "error")], error=message)
 
 
 class Occupancy:

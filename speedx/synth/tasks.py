@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from speedx.engine.sampler import splitmix64
+from speedx.hashing import splitmix64
 from speedx.synth.dedup import Deduplicator
 from speedx.synth.families import FAMILIES, Family
 from speedx.synth.json_repair import JSONRepairError, parse_json_object
