@@ -207,7 +207,7 @@ PYBIND11_MODULE(_C, m) {
       const speedx::PackedWeightGemmArgs args{
           reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(packed),
           reinterpret_cast<const float*>(bias), m, n, k, speedx::parse_dtype(x_dtype, kernel),
-          speedx::parse_dtype(out_dtype, kernel), num_threads, speedx::parse_cpu_isa(isa, kernel), silu_mul,
+          speedx::parse_dtype(out_dtype, kernel), num_threads, speedx::parse_cpu_isa(isa, kernel, true), silu_mul,
           speedx::parse_weight_format(weight_format, kernel)};
       py::gil_scoped_release nogil;
       speedx::gemm_packed_weight(args);
@@ -218,7 +218,7 @@ PYBIND11_MODULE(_C, m) {
       "pack_quant_weight ('q4_0', 'q4_1', 'q8_0'), on CPU, GIL released.\n"
       "out/x/packed/bias: data_ptr() of C-contiguous tensors (bias fp32 [n], or 0 for none); x and out\n"
       "'float32' or 'bfloat16'. silu_mul: SwiGLU epilogue, out [m, n / 2] (see cpu_gemm.h). _debug_isa\n"
-      "forces a narrower SIMD path ('avx2', 'baseline') for tests.";
+      "forces a narrower SIMD path ('avx512', 'avx2', 'baseline') than gemm_isa() for tests and benchmarks.";
   for (const char* name : {"gemm_bf16_weight", "gemm_packed_weight"})
     m.def(name, gemm(name), py::arg("out"), py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("m"),
           py::arg("n"), py::arg("k"), py::arg("x_dtype"), py::arg("out_dtype"), py::arg("num_threads"),
@@ -325,5 +325,8 @@ PYBIND11_MODULE(_C, m) {
       "RoPE on the q and k of a fused bf16 QKV output; q to q_out, k and v to their cache slots (cpu_rope.h).\n"
       "Tensors as data_ptr() of C-contiguous tensors; positions and slots int64 numpy arrays.");
   m.def("cpu_isa", [] { return speedx::cpu_isa_name(speedx::best_cpu_isa()); },
-        "SIMD path the CPU kernels (paged_decode_attention, gemm_packed_weight) use here: 'avx512', 'avx2' or 'baseline'.");
+        "SIMD path the CPU kernels (paged_decode_attention, gemm_packed_weight on quantized weights) use here:\n"
+        "'avx512', 'avx2' or 'baseline'.");
+  m.def("gemm_isa", [] { return speedx::cpu_isa_name(speedx::best_gemm_isa()); },
+        "SIMD path gemm_packed_weight uses here on bf16 weights: cpu_isa(), or 'avx512bf16' (vdpbf16ps).");
 }

@@ -23,6 +23,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef SPEEDX_X86_ISAS
+#include <immintrin.h>
+#endif
 
 namespace speedx {
 namespace {
@@ -324,7 +327,7 @@ SPEEDX_INLINE void block(const Job& job, int64_t p, int64_t m0, int64_t m1) {
 // Entry points, one per (format, ISA level). The OpenMP region stays outside them: GCC outlines a
 // parallel region into a separate function that would not inherit the target.
 using BlockFn = void (*)(const Job&, int64_t, int64_t, int64_t);
-struct Kernel { BlockFn fn; int64_t tile_rows; };
+struct Kernel { BlockFn fn; int64_t tile_rows; bool bf16_pairs = false; };  // bf16_pairs: x as in tile_dpbf16
 
 template <WeightFormat F> void block_baseline(const Job& j, int64_t p, int64_t m0, int64_t m1) { block<F, 4>(j, p, m0, m1); }
 #ifdef SPEEDX_X86_ISAS
@@ -336,10 +339,88 @@ template <WeightFormat F> __attribute__((target("arch=x86-64-v4"))) void block_a
 }
 #endif
 
+#ifdef SPEEDX_X86_ISAS
+// The AVX512_BF16 path (bf16 weights only): per pair of k, panel rows k and k+1 interleaved by
+// 16-bit unpacks give each 32-bit lane a column's (w[k], w[k+1]), and one vdpbf16ps per R rows x 16
+// columns adds x[r, k] w[k] + x[r, k+1] w[k+1] into fp32: two products per lane per instruction.
+// x comes as bf16 pairs, a tile of R rows from row m0 at x + m0 * ceil(k / 2) as [k / 2][R] words
+// (zero past k). Unpacks work within 128-bit lanes, so the "lo" accumulator holds columns 8q + i and
+// "hi" 8q + 4 + i (lane 4q + i, i < 4); the store permutes them back to even / odd columns.
+#define SPEEDX_DPBF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
+constexpr int kDpRows = 12;  // 24 accumulators, 2 panel rows, 2 unpacked: 28 of 32 zmm
+constexpr int64_t kDpPrefetchBytes = 4096;  // this loop eats a panel faster than tile(): ask further ahead
+
+constexpr int dp_lane(int c) { return (c % 8 < 4 ? 0 : 16) + c / 8 * 4 + c % 4; }  // column c in lo:hi
+
+template <int R>
+SPEEDX_INLINE SPEEDX_DPBF16 void dp_step(__m512 (&acc)[R][2], const uint32_t* x, __m512i row0, __m512i row1) {
+  const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(row0, row1), hi = (__m512bh)_mm512_unpackhi_epi16(row0, row1);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const __m512bh xr = (__m512bh)_mm512_set1_epi32(int(x[r]));
+    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], lo, xr);
+    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], hi, xr);
+  }
+}
+
+template <int R>
+SPEEDX_INLINE SPEEDX_DPBF16 void tile_dpbf16(const Job& job, const uint8_t* panel, int64_t p, int64_t m0,
+                                              const uint8_t* next_panel) {
+  using F = Vec<16>::f;
+  constexpr int64_t kRowBytes = P * 2;
+  const int64_t K = job.a.k, pairs = K / 2;
+  const uint32_t* x = reinterpret_cast<const uint32_t*>(job.x) + m0 * ((K + 1) / 2);
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < pairs; ++j) {
+    const uint8_t* row = panel + 2 * j * kRowBytes;
+    __builtin_prefetch(row + kDpPrefetchBytes);
+    __builtin_prefetch(row + kRowBytes + kDpPrefetchBytes);
+    if (next_panel) {
+      __builtin_prefetch(next_panel + 2 * j * kRowBytes, 0, 2);
+      __builtin_prefetch(next_panel + (2 * j + 1) * kRowBytes, 0, 2);
+    }
+    dp_step<R>(acc, x + j * R, _mm512_loadu_si512(row), _mm512_loadu_si512(row + kRowBytes));
+  }
+  if (K % 2) dp_step<R>(acc, x + pairs * R, _mm512_loadu_si512(panel + (K - 1) * kRowBytes), _mm512_setzero_si512());
+  F eo[R][2];
+  for (int r = 0; r < R; ++r) {
+    const F lo = (F)acc[r][0], hi = (F)acc[r][1];
+    eo[r][0] = shuffle<16>(lo, hi, std::integer_sequence<int, dp_lane(0), dp_lane(2), dp_lane(4), dp_lane(6),
+                           dp_lane(8), dp_lane(10), dp_lane(12), dp_lane(14), dp_lane(16), dp_lane(18), dp_lane(20),
+                           dp_lane(22), dp_lane(24), dp_lane(26), dp_lane(28), dp_lane(30)>{});
+    eo[r][1] = shuffle<16>(lo, hi, std::integer_sequence<int, dp_lane(1), dp_lane(3), dp_lane(5), dp_lane(7),
+                           dp_lane(9), dp_lane(11), dp_lane(13), dp_lane(15), dp_lane(17), dp_lane(19), dp_lane(21),
+                           dp_lane(23), dp_lane(25), dp_lane(27), dp_lane(29), dp_lane(31)>{});
+  }
+  store<16, R, 32>(job.a, eo, p * P, m0);
+}
+
+template <int R>
+SPEEDX_INLINE SPEEDX_DPBF16 void any_tile_dpbf16(const Job& job, const uint8_t* panel, int64_t p, int64_t m0,
+                                                  int64_t rows, const uint8_t* next_panel) {
+  if constexpr (R > 0) {
+    if (rows == R) tile_dpbf16<R>(job, panel, p, m0, next_panel);
+    else any_tile_dpbf16<R - 1>(job, panel, p, m0, rows, next_panel);
+  }
+}
+
+SPEEDX_DPBF16 void block_avx512bf16(const Job& job, int64_t p, int64_t m0, int64_t m1) {
+  const int64_t tiles = tile_count(m1 - m0, kDpRows);
+  const uint8_t* panel = job.packed + p * job.panel_bytes;
+  const uint8_t* next = m0 == 0 && p + 1 < (job.a.n + P - 1) / P ? panel + job.panel_bytes : nullptr;  // see block()
+  for (int64_t i = 0; i < tiles; ++i) {
+    const TileSpan t = tile_span(m1 - m0, kDpRows, i);
+    any_tile_dpbf16<kDpRows>(job, panel, p, m0 + t.start, t.size, i == 0 ? next : nullptr);
+  }
+}
+#endif
+
 template <WeightFormat F>
 Kernel pick(CpuIsa isa) {
 #ifdef SPEEDX_X86_ISAS
-  if (isa == CpuIsa::kAvx512) return {block_avx512<F>, TileShape<16>::R};
+  if (isa == CpuIsa::kAvx512Bf16 && F == WeightFormat::kBf16) return {block_avx512bf16, kDpRows, true};
+  if (isa >= CpuIsa::kAvx512) return {block_avx512<F>, TileShape<16>::R};
   if (isa == CpuIsa::kAvx2) return {block_avx2<F>, TileShape<8>::R};
 #endif
   (void)isa;
@@ -369,6 +450,16 @@ void fail(const std::string& msg) { throw std::invalid_argument("gemm_packed_wei
 template <typename T>
 void pack_row(float* dst, const T* src, int64_t k, int64_t stride) {
   for (int64_t i = 0; i < k; ++i) dst[i * stride] = to_f32(src[i]);
+}
+
+SPEEDX_INLINE uint32_t to_bf16_bits(bf16 v) { return v.bits; }
+SPEEDX_INLINE uint32_t to_bf16_bits(float v) { bf16 b; from_f32(v, &b); return b.bits; }
+
+// x row -> ceil(k / 2) words of bf16 pairs (x[2j] in the low half, zero past k), for tile_dpbf16.
+template <typename T>
+void pack_row_pairs(uint32_t* dst, const T* src, int64_t k, int64_t stride) {
+  for (int64_t j = 0; j < k / 2; ++j) dst[j * stride] = to_bf16_bits(src[2 * j]) | to_bf16_bits(src[2 * j + 1]) << 16;
+  if (k % 2) dst[k / 2 * stride] = to_bf16_bits(src[k - 1]);
 }
 
 std::vector<float>& x_scratch() {
@@ -470,26 +561,33 @@ void gemm_packed_weight(const PackedWeightGemmArgs& a) {
   if (a.m == 0) return;
   if (!a.out || !a.x || !a.packed) fail("null data pointer");
 
-  const Kernel kernel = pick(a.format, a.isa == CpuIsa::kAuto ? best_cpu_isa() : a.isa);
+  const Kernel kernel = pick(a.format, a.isa == CpuIsa::kAuto ? best_gemm_isa() : a.isa);
   const int64_t R = kernel.tile_rows, B = kBlockTiles * R, K = a.k;
+  const int64_t KX = kernel.bf16_pairs ? (K + 1) / 2 : K;  // 4-byte words of x per row
   std::vector<float>& x = x_scratch();
-  x.resize(size_t(a.m * K));
+  x.resize(size_t(a.m * KX));
   const Job job{a, x.data(), static_cast<const uint8_t*>(a.packed), panel_bytes(a.format, K)};
   const int64_t panels = (a.n + P - 1) / P, blocks = (a.m + B - 1) / B;
   const int64_t work = panels * blocks, tiles = (blocks - 1) * tile_count(B, R) + tile_count(a.m - (blocks - 1) * B, R);
   [[maybe_unused]] const int nt = int(std::min<int64_t>(a.num_threads, work));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    // x -> fp32, each tile's rows interleaved ([k][row]), so that its broadcasts walk one stream.
+    // x -> fp32 (or bf16 pairs), each tile's rows interleaved ([k][row]), so that its broadcasts walk
+    // one stream.
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < tiles; ++i) {
       const int64_t b = i / tile_count(B, R), b0 = b * B, rows = std::min(B, a.m - b0);
       const TileSpan t = tile_span(rows, R, i % tile_count(B, R));
       for (int64_t r = 0; r < t.size; ++r) {
         const int64_t row = b0 + t.start + r;
-        float* dst = x.data() + (b0 + t.start) * K + r;
-        if (a.x_dtype == DType::kBFloat16) pack_row(dst, static_cast<const bf16*>(a.x) + row * K, K, t.size);
-        else pack_row(dst, static_cast<const float*>(a.x) + row * K, K, t.size);
+        float* dst = x.data() + (b0 + t.start) * KX + r;
+        uint32_t* pairs = reinterpret_cast<uint32_t*>(dst);
+        const bf16* x16 = static_cast<const bf16*>(a.x) + row * K;
+        const float* x32 = static_cast<const float*>(a.x) + row * K;
+        if (kernel.bf16_pairs && a.x_dtype == DType::kBFloat16) pack_row_pairs(pairs, x16, K, t.size);
+        else if (kernel.bf16_pairs) pack_row_pairs(pairs, x32, K, t.size);
+        else if (a.x_dtype == DType::kBFloat16) pack_row(dst, x16, K, t.size);
+        else pack_row(dst, x32, K, t.size);
       }
     }
     // Static and panel-major: thread t streams its own contiguous run of panels, each through every

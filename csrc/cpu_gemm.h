@@ -2,7 +2,8 @@
 //   out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])   (an nn.Linear)
 // The weights stay in their storage format in memory (bf16: half the bytes of fp32; Q4_0/Q4_1/Q8_0:
 // GGUF's own 32-value blocks, 1/8 to 1/4 of them) and are widened or dequantized in registers;
-// products accumulate in fp32 FMAs.
+// products accumulate in fp32 FMAs, or for bf16 weights on AVX512_BF16 CPUs in vdpbf16ps (two
+// bf16 products per fp32 lane), which reads the same packed layout.
 #pragma once
 
 #include <cstdint>
@@ -44,7 +45,7 @@ struct PackedWeightGemmArgs {
   int64_t m, n, k;
   DType x_dtype, out_dtype;  // each kFloat32 or kBFloat16
   int num_threads;
-  CpuIsa isa = CpuIsa::kAuto;  // forcing a narrower path is for tests and benchmarks
+  CpuIsa isa = CpuIsa::kAuto;  // best_gemm_isa(); forcing a narrower path is for tests and benchmarks
   // SwiGLU epilogue: weight rows interleave gate and up (row 2j: gate j, row 2j+1: up j); out is
   // [m, n / 2] bf16 with out[:, j] = silu(gate_j) * up_j, each rounded as transformers does.
   bool silu_mul = false;
@@ -54,6 +55,9 @@ struct PackedWeightGemmArgs {
 // Checks the arguments (std::invalid_argument on a bad one), then computes the product. Each output
 // is one fp32 FMA chain over k in order, plus the bias, rounded once to out_dtype: for a given SIMD
 // path the result of a row does not depend on the other rows, on m or on the thread count.
+// kAvx512Bf16 (bf16 weights; quantized ones run kAvx512): x is first rounded to bf16 and each pair
+// (k, k+1) enters the chain as k+1 then k (vdpbf16ps, which also reads subnormals as zero), so it
+// differs from the FMA chain only in summation order where x is bf16.
 // Quantized weights are dequantized as gguf.quants does (d * q, d * q + m), exactly in fp32.
 void gemm_packed_weight(const PackedWeightGemmArgs& a);
 

@@ -12,19 +12,31 @@ CpuIsa best_cpu_isa() {
   return CpuIsa::kBaseline;
 }
 
-const char* cpu_isa_name(CpuIsa isa) {
-  return isa == CpuIsa::kAvx512 ? "avx512" : isa == CpuIsa::kAvx2 ? "avx2" : "baseline";
+CpuIsa best_gemm_isa() {
+  const CpuIsa isa = best_cpu_isa();
+#ifdef SPEEDX_X86_ISAS
+  if (isa == CpuIsa::kAvx512 && __builtin_cpu_supports("avx512bf16")) return CpuIsa::kAvx512Bf16;
+#endif
+  return isa;
 }
 
-CpuIsa parse_cpu_isa(const std::string& name, const std::string& kernel) {
+const char* cpu_isa_name(CpuIsa isa) {
+  return isa == CpuIsa::kAvx512Bf16 ? "avx512bf16"
+         : isa == CpuIsa::kAvx512  ? "avx512"
+         : isa == CpuIsa::kAvx2    ? "avx2"
+                                   : "baseline";
+}
+
+CpuIsa parse_cpu_isa(const std::string& name, const std::string& kernel, bool bf16) {
   if (name == "auto") return CpuIsa::kAuto;
-  for (CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
-    if (name != cpu_isa_name(isa)) continue;
-    if (int(isa) > int(best_cpu_isa()))
+  for (CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
+    if (name != cpu_isa_name(isa) || (isa == CpuIsa::kAvx512Bf16 && !bf16)) continue;
+    if (int(isa) > int(bf16 ? best_gemm_isa() : best_cpu_isa()))
       throw std::invalid_argument(kernel + ": this CPU (or build) does not support isa '" + name + "'");
     return isa;
   }
-  throw std::invalid_argument(kernel + ": isa must be 'auto', 'avx512', 'avx2' or 'baseline', got '" + name + "'");
+  throw std::invalid_argument(kernel + ": isa must be 'auto', " + (bf16 ? "'avx512bf16', " : "") +
+                              "'avx512', 'avx2' or 'baseline', got '" + name + "'");
 }
 
 DType parse_dtype(const std::string& name, const std::string& kernel) {

@@ -22,13 +22,15 @@
 
 namespace speedx {
 
-// SIMD code path: x86-64 baseline (SSE2), x86-64-v3 (AVX2 + FMA), x86-64-v4 (AVX-512).
-enum class CpuIsa { kAuto = -1, kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-CpuIsa best_cpu_isa();  // the widest path this CPU and build support
-const char* cpu_isa_name(CpuIsa isa);  // "baseline" / "avx2" / "avx512"
-// "auto" or a cpu_isa_name(); throws std::invalid_argument naming `kernel` for unknown or
-// unsupported names.
-CpuIsa parse_cpu_isa(const std::string& name, const std::string& kernel);
+// SIMD code path: x86-64 baseline (SSE2), x86-64-v3 (AVX2 + FMA), x86-64-v4 (AVX-512), and
+// x86-64-v4 + AVX512_BF16, which only the bf16-weight matmul has a path for (cpu_gemm.h).
+enum class CpuIsa { kAuto = -1, kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+CpuIsa best_cpu_isa();   // the widest path this CPU and build support, at most kAvx512
+CpuIsa best_gemm_isa();  // best_cpu_isa(), or kAvx512Bf16 where the CPU has AVX512_BF16 too
+const char* cpu_isa_name(CpuIsa isa);  // "baseline" / "avx2" / "avx512" / "avx512bf16"
+// "auto" or a cpu_isa_name() ("avx512bf16" only with `bf16`, for the matmul); throws
+// std::invalid_argument naming `kernel` for unknown or unsupported names.
+CpuIsa parse_cpu_isa(const std::string& name, const std::string& kernel, bool bf16 = false);
 
 enum class DType { kFloat32, kFloat16, kBFloat16 };
 // "float32" / "float16" / "bfloat16" (also "torch.<name>", "fp32", "fp16", "bf16", "float",

@@ -1,5 +1,6 @@
 """speedx._C.gemm_bf16_weight (CPU matmul on packed bf16 weights) and PackedBf16Linear, against
-their PyTorch twin: F.linear on the weights widened to fp32 (WideMatmulLinear)."""
+their PyTorch twin: F.linear on the weights widened to fp32 (WideMatmulLinear); on the avx512bf16
+path, on x rounded to bf16 (cpu_gemm.h)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from torch import nn
 from speedx import _C
 from speedx.models.cpu_linear import PackedBf16Linear, WideMatmulLinear
 
-_ALL_ISAS = ["baseline", "avx2", "avx512"]
-ISAS = _ALL_ISAS[: _ALL_ISAS.index(_C.cpu_isa()) + 1]  # the SIMD paths this CPU can run
+_ALL_ISAS = ["baseline", "avx2", "avx512", "avx512bf16"]
+ISAS = _ALL_ISAS[: _ALL_ISAS.index(_C.gemm_isa()) + 1]  # the SIMD paths this CPU can run
+FMA_ISAS = [isa for isa in ISAS if isa != "avx512bf16"]  # those that keep x in fp32
+needs_bf16 = pytest.mark.skipif(_C.gemm_isa() != "avx512bf16", reason="this CPU lacks avx512_bf16 (vdpbf16ps)")
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -41,7 +44,7 @@ def fp32_tolerance(x, weight) -> torch.Tensor:
     return 1e-6 * (x.float().abs() @ weight.float().abs().T) * x.shape[1] ** 0.5 + 1e-30
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", FMA_ISAS)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 7, 31), (13, 67, 33), (37, 130, 100), (64, 96, 64), (200, 40, 70)])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 def test_matches_the_twin_on_odd_shapes(isa, m, k, n, x_dtype):
@@ -107,7 +110,10 @@ def test_packed_linear_module_matches_the_wide_twin():
         assert ours.shape == wide.shape == (3, 5, 130) and ours.dtype == wide.dtype == out_dtype
         ref = F.linear(x.float(), linear.weight.float(), linear.bias.float())
         assert ((ours.float() - ref).abs() <= ref.abs() * 2.0**-8 + 1e-4).all()
-        assert (ours == wide).float().mean() > 0.97
+        if out_dtype == torch.float32 and _C.gemm_isa() == "avx512bf16":  # another summation order
+            assert ((ours - wide).abs() <= fp32_tolerance(x.reshape(15, 70), linear.weight).reshape(3, 5, 130)).all()
+        else:
+            assert (ours == wide).float().mean() > 0.97
 
 
 def test_bad_arguments_are_clear_errors():
@@ -119,7 +125,7 @@ def test_bad_arguments_are_clear_errors():
         _C.gemm_bf16_weight(1, x.data_ptr(), packed.data_ptr(), 0, 2, 0, 4, "float32", "float32", 1)
     with pytest.raises(ValueError, match="dtype must be 'bfloat16', 'float16' or 'float32', got 'int8'"):
         _C.gemm_bf16_weight(1, x.data_ptr(), packed.data_ptr(), 0, 2, 8, 4, "int8", "float32", 1)
-    with pytest.raises(ValueError, match="gemm_bf16_weight: isa must be 'auto', 'avx512', 'avx2' or 'baseline'"):
+    with pytest.raises(ValueError, match="gemm_bf16_weight: isa must be 'auto', 'avx512bf16', 'avx512', 'avx2' or 'baseline'"):
         gemm(x, packed, 8, isa="sse9")
     with pytest.raises(ValueError, match="num_threads must be >= 1"):
         gemm(x, packed, 8, num_threads=0)
@@ -149,7 +155,7 @@ def test_silu_mul_epilogue_matches_the_swiglu_twin(isa, m, k, size):
         "bfloat16", "bfloat16", 2, True, _debug_isa=isa,
     )
     ref = swiglu_twin(x, linear.weight, linear.bias.float(), size)
-    if isa == _C.cpu_isa():  # the module runs the widest path
+    if isa == _C.gemm_isa():  # the module runs the widest path
         assert torch.equal(fused(x), out)
     # Only a gate or up sum sitting on a bf16 rounding boundary can move (then one step, carried on).
     assert ((out.float() - ref.float()).abs() <= ref.float().abs() * 2.0**-6 + 1e-6).all()
@@ -168,7 +174,7 @@ def test_swiglu_runs_its_activation_in_the_matmul_where_packed():
     x = torch.randn(9, 32, generator=gen).bfloat16()
     ref = mlp.down_proj(swiglu_twin(x, mlp.gate_up_proj.weight, None, 48))
     use_fast_cpu_matmuls(nn.ModuleList([mlp]), torch.bfloat16)  # as in a model: SwiGLU is a child
-    assert getattr(mlp.gate_up_proj, "silu_mul", False) == _PACKED_BF16_FASTER[_C.cpu_isa()]
+    assert getattr(mlp.gate_up_proj, "silu_mul", False) == _PACKED_BF16_FASTER[_C.gemm_isa()]
     out = mlp(x)
     assert ((out.float() - ref.float()).abs() <= ref.float().abs() * 2.0**-5 + 1e-3).all()
 
@@ -180,3 +186,60 @@ def test_silu_mul_epilogue_checks_its_shape():
         _C.gemm_bf16_weight(1, x.data_ptr(), packed.data_ptr(), 0, 2, 7, 4, "bfloat16", "bfloat16", 1, True)
     with pytest.raises(ValueError, match="silu_mul epilogue needs an even n .* and a bfloat16 out"):
         _C.gemm_bf16_weight(1, x.data_ptr(), packed.data_ptr(), 0, 2, 8, 4, "bfloat16", "float32", 1, True)
+
+
+# The avx512bf16 path: x rounded to bf16, vdpbf16ps on pairs of k (cpu_gemm.h).
+
+
+@needs_bf16
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 576, 49), (5, 7, 31), (13, 67, 33), (16, 96, 65), (37, 130, 100),
+                                   (64, 96, 64), (200, 41, 70)])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_dpbf16_matches_the_twin_on_bf16_x(m, k, n, x_dtype, num_threads):
+    gen = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    x = torch.randn(m, k, generator=gen).to(x_dtype)
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen)
+    packed = pack(weight)
+    # Its twin multiplies x rounded to bf16: then both sum the same exact products in fp32, in
+    # different orders, which fp32_tolerance bounds.
+    ref = twin(x.bfloat16(), weight, bias)
+    out = gemm(x, packed, n, bias, isa="avx512bf16", num_threads=num_threads)
+    assert ((out - ref).abs() <= fp32_tolerance(x.bfloat16(), weight)).all()
+    if x_dtype == torch.float32:  # rounded to nearest even, as torch does
+        assert torch.equal(out, gemm(x.bfloat16(), packed, n, bias, isa="avx512bf16", num_threads=num_threads))
+    out16 = gemm(x, packed, n, bias, out_dtype=torch.bfloat16, isa="avx512bf16", num_threads=num_threads).float()
+    assert ((out16 - ref).abs() <= ref.abs() * 2.0**-8 + fp32_tolerance(x.bfloat16(), weight)).all()
+    assert (out16 == ref.bfloat16().float()).float().mean() > 0.97
+
+
+@needs_bf16
+def test_dpbf16_is_one_fma_chain_taking_each_pair_of_k_high_first():
+    # vdpbf16ps adds x[k+1] w[k+1], then x[k] w[k] (exact products), rounding after each: bit for
+    # bit this fp32 loop; k odd leaves the last k alone.
+    gen = torch.Generator().manual_seed(5)
+    m, k, n = 7, 37, 45
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen)
+    order = [i for j in range(0, k, 2) for i in (j + 1, j) if i < k]
+    acc = torch.zeros(m, n)
+    for i in order:
+        acc = acc + x[:, i : i + 1].float() * weight[:, i].float()
+    assert torch.equal(gemm(x, pack(weight), n, bias, isa="avx512bf16"), acc + bias)
+
+
+@needs_bf16
+def test_dpbf16_is_the_default_bf16_path():
+    gen = torch.Generator().manual_seed(6)
+    x, weight = torch.randn(20, 33, generator=gen).bfloat16(), torch.randn(50, 33, generator=gen).bfloat16()
+    packed = pack(weight)
+    assert torch.equal(gemm(x, packed, 50), gemm(x, packed, 50, isa="avx512bf16"))
+
+
+@pytest.mark.skipif(_C.gemm_isa() == "avx512bf16", reason="this CPU has avx512_bf16")
+def test_dpbf16_without_the_cpu_feature_is_a_clear_error():
+    packed = pack(torch.randn(8, 4).bfloat16())
+    with pytest.raises(ValueError, match="does not support isa 'avx512bf16'"):
+        gemm(torch.randn(2, 4), packed, 8, isa="avx512bf16")

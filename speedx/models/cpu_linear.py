@@ -74,7 +74,9 @@ class PackedBf16Linear(_PackedLinear):
     The weights stay bf16 (half the bytes of WideMatmulLinear's), packed once into the panels the
     kernel streams, and are widened in registers; products accumulate in fp32, so the arithmetic is
     WideMatmulLinear's. Each output is one FMA chain in k order: a row's result does not depend on
-    the other rows of the batch.
+    the other rows of the batch. On CPUs with AVX512_BF16 (_C.gemm_isa() "avx512bf16") x is rounded
+    to bf16 (as it already is in a bf16 model) and the chain takes k in pairs (vdpbf16ps), which
+    changes only the summation order.
     """
 
     def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, silu_mul: bool = False):
@@ -123,11 +125,12 @@ class PackedQuantLinear(_PackedLinear):
 
 _GEMM_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
-# Whether PackedBf16Linear beats WideMatmulLinear, per SIMD path: bench/cpu_matmul.py on an AMD EPYC
-# Zen 4 measured it 1.2-8x faster with AVX-512 and with AVX2 (forced) at m = 1, 8 and 64 on SmolLM2's
-# shapes, since it reads half the weight bytes and PyTorch's fp32 GEMM is slow at small m; the SSE2
+# Whether PackedBf16Linear beats WideMatmulLinear, per SIMD path (_C.gemm_isa()): bench/cpu_matmul.py
+# on an AMD EPYC Zen 4 measured it 1.2-8x faster with AVX-512 and with AVX2 (forced) at m = 1, 8 and 64
+# on SmolLM2's shapes, since it reads half the weight bytes and PyTorch's fp32 GEMM is slow at small m,
+# and the avx512bf16 path faster still (also than PyTorch's bf16 F.linear at m = 16 and 64); the SSE2
 # baseline was not measured against a baseline CPU's PyTorch, so it keeps PyTorch's fp32 GEMM.
-_PACKED_BF16_FASTER = {"avx512": True, "avx2": True, "baseline": False}
+_PACKED_BF16_FASTER = {"avx512bf16": True, "avx512": True, "avx2": True, "baseline": False}
 
 
 def _interleave_halves(t: torch.Tensor) -> torch.Tensor:
@@ -167,7 +170,7 @@ def use_fast_cpu_matmuls(model: nn.Module, dtype: torch.dtype, quantized: dict[s
     """
     from speedx import _C
 
-    packed = dense and dtype == torch.bfloat16 and _PACKED_BF16_FASTER[_C.cpu_isa()]
+    packed = dense and dtype == torch.bfloat16 and _PACKED_BF16_FASTER[_C.gemm_isa()]
     quantized = quantized or {}
     for name, child in list(model.named_children()):
         path = _prefix + name
