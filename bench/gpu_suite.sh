@@ -40,7 +40,7 @@ EOF
 }
 
 nvidia-smi -L || true
-"$PY" -c "import speedx._C, speedx.kernels.dispatch" 2>/dev/null \
+"$PY" -c "import speedx._C, speedx.kernels.registry" 2>/dev/null \
     || "$PY" -m pip install -q --no-build-isolation --no-deps -e . || { echo "!!! could not build speedx"; exit 1; }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 

@@ -39,7 +39,7 @@ from speedx.engine.config import EngineConfig
 from throughput import chat_prompt, device_name, make_workload
 
 # speedx._C functions that are no step's arithmetic; every other function of _C counts as a kernel.
-NOT_KERNELS = {"cpu_isa", "packed_weight_size"}
+NOT_KERNELS = {"cpu_isa", "gemm_isa", "packed_weight_size"}
 
 
 class HostEvent:

@@ -123,14 +123,11 @@ def _prefill_flash(flash, q, k_cache, v_cache, block_tables, starts, lens, scale
 
 
 def _decode_batch_cpp(q, k_cache, v_cache, block_tables, kv_lens, max_kv_len, scale):
-    from speedx import _C
+    from speedx.kernels.cpu import paged_decode_attention_into
 
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     out = torch.empty_like(q)
-    _C.paged_decode_attention(
-        out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.numpy(), kv_lens.numpy(),
-        q.shape[1], num_kv_heads, head_dim, block_size, num_blocks, scale, str(q.dtype), torch.get_num_threads(),
-    )
+    paged_decode_attention_into(out, q, k_cache, v_cache, block_tables.numpy(), kv_lens.numpy(), scale,
+                                torch.get_num_threads())
     return out
 
 

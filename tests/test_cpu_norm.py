@@ -8,11 +8,12 @@ import torch
 
 from speedx import _C
 from speedx.kernels.layers_torch import rms_norm_torch
+from speedx.kernels.registry import select
 from speedx.models.layers import RMSNorm
 
 
 def make_norm(hidden: int, dtype: torch.dtype, gen: torch.Generator) -> RMSNorm:
-    norm = RMSNorm(hidden, 1e-5).to(dtype)
+    norm = RMSNorm(hidden, 1e-5, select(torch.device("cpu"), dtype, dtype, "auto")).to(dtype)  # the CPU engine's
     with torch.no_grad():
         norm.weight.copy_(torch.randn(hidden, generator=gen) * 0.5 + 1)
     return norm

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from speedx import _C
+from speedx.kernels.cpu import rope_and_store_cpu
 from speedx.kernels.paged_attention import store_kvcache_torch
 from speedx.models.attention import PagedAttention
 from speedx.models.layers import RotaryEmbedding
@@ -19,6 +20,11 @@ def make_attention(num_heads, num_kv_heads, head_dim, num_slots, scaling=None):
     attn.k_cache = torch.zeros(num_slots // 4, 4, num_kv_heads, head_dim, dtype=torch.bfloat16)
     attn.v_cache = torch.zeros_like(attn.k_cache)
     return attn
+
+
+def rope_and_store(attn, qkv, positions, slots):
+    return rope_and_store_cpu(qkv, positions, attn.rotary.cos_table, attn.rotary.sin_table, attn.k_cache, attn.v_cache,
+                              slots, attn.num_heads, attn.num_kv_heads)
 
 
 def twin(attn, qkv, positions, slots):
@@ -38,7 +44,7 @@ def test_bit_identical_to_the_twin(heads, kv_heads, head_dim, tokens, scaling):
     positions = torch.randint(0, 4096, (tokens,), generator=gen)
     slots = torch.randperm(4 * 64, generator=gen)[:tokens]
     slots[::3] = -1  # padding rows: nothing stored
-    q = attn._rope_and_store_cpu(qkv, positions, slots)
+    q = rope_and_store(attn, qkv, positions, slots)
     ref_q, ref_k, ref_v = twin(attn, qkv, positions, slots)
     assert torch.equal(q, ref_q)
     assert torch.equal(attn.k_cache, ref_k) and torch.equal(attn.v_cache, ref_v)
@@ -53,7 +59,7 @@ def test_bad_positions_and_slots_are_clear_errors_and_write_nothing():
         ([0, -1], [0, 1], r"positions\[1\] = -1 is outside"),
     ]:
         with pytest.raises(ValueError, match=message):
-            attn._rope_and_store_cpu(qkv, torch.tensor(positions), torch.tensor(slots))
+            rope_and_store(attn, qkv, torch.tensor(positions), torch.tensor(slots))
         assert not attn.k_cache.any() and not attn.v_cache.any()
     with pytest.raises(ValueError, match="positions and slots must have one entry per token"):
         _C.rope_store_bf16(1, 1, 1, 1, np.zeros(2, np.int64), np.zeros(3, np.int64), 1, 1, 2, 1, 4, 10, 8, 1)

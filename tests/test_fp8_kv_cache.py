@@ -139,19 +139,22 @@ def test_llm_fp8_cache_holds_twice_the_tokens_and_generates(tiny_llama):
 
 
 def test_fp8_cache_on_a_gpu_without_fp8_conversions_is_a_clear_error(monkeypatch):
-    from speedx.engine import llm
+    from speedx.kernels import registry
 
-    monkeypatch.setattr(llm, "use_triton", lambda device: True)
+    monkeypatch.setattr(registry, "triton_available", lambda: True)
+    monkeypatch.setattr(registry, "_load", lambda name: (lambda *args, **kwargs: None))  # no CUDA kernels here
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    cuda = torch.device("cuda")
     with pytest.raises(ValueError, match="A100.*kv_cache_dtype='auto'"):
-        llm._resolve_kv_cache_dtype("fp8", torch.bfloat16, torch.device("cuda"))
+        registry.select(cuda, torch.bfloat16, FP8, "auto")
+    assert registry.select(cuda, torch.bfloat16, torch.bfloat16, "auto").backend == "triton"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
-    assert llm._resolve_kv_cache_dtype("fp8", torch.bfloat16, torch.device("cuda")) == FP8
+    assert registry.select(cuda, torch.bfloat16, FP8, "auto").backend == "triton"
 
 
 def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_llama):
-    with pytest.raises(ValueError, match="kv_cache_dtype='int4'.*'fp8'"):
+    with pytest.raises(ValueError, match="kv_cache_dtype='int4': expected one of auto, fp8"):
         make_llm(tiny_llama[0], kv_cache_dtype="int4")
 
 

@@ -6,7 +6,7 @@ import torch
 from helpers import assert_matches_hf, count_preemptions, hf_greedy, llm_bytes_per_token, make_llm, random_prompts
 
 from speedx import SamplingParams
-from speedx.engine.sampler import counter_uniform, sample_tokens
+from speedx.engine.sampler import counter_uniform
 
 def test_batch_of_different_lengths(tiny_model):
     path, model, tok = tiny_model
@@ -80,7 +80,7 @@ def test_seeded_samples_follow_hf_logits(tiny_llama):
                 logits = model(torch.tensor([tokens])).logits[0].float()
             for step, token in enumerate(sample.token_ids):
                 pos = len(prompt) + step
-                expected = sample_tokens(
+                expected = llm.kernels.sample_tokens(
                     logits[pos - 1 : pos], torch.tensor([0.8]), torch.tensor([40]), torch.tensor([0.9]),
                     torch.tensor([0.02]), torch.tensor([counter_uniform(1234, sample.index, pos)], dtype=torch.float64),
                 )

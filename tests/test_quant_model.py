@@ -73,7 +73,7 @@ def test_quantization_argument_errors(tiny_llama):
     path, _, _ = tiny_llama
     with pytest.raises(ValueError, match="quantization='gguf' needs a .gguf model"):
         LLM(str(path), quantization="gguf")
-    with pytest.raises(ValueError, match="quantization must be 'auto', 'gguf' or 'none', got 'int4'"):
+    with pytest.raises(ValueError, match="quantization='int4': expected one of auto, gguf, none"):
         LLM(str(path), quantization="int4")
     gguf_path = default_model_path()
     with pytest.raises(ValueError, match="quantization='gguf' runs on CPU only, not on cuda"):

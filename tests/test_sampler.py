@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from speedx.engine.sampler import counter_uniform, mask_logits, sample_tokens
+from speedx.engine.sampler import counter_uniform, mask_logits
+from speedx.kernels.registry import select
+
+sample_tokens = select(torch.device("cpu"), torch.float32, torch.float32, "auto").sample_tokens  # the CPU engine's
 
 
 def reference_keep(logits: list[float], top_k: int, top_p: float, min_p: float) -> set[int]:
@@ -183,7 +186,7 @@ def test_cpu_argmax_matches_torch_on_ties_nan_and_all_minus_inf():
 
 
 def test_bitmask_twin_hides_cleared_bits_and_greedy_picks_the_best_allowed():
-    from speedx.engine.sampler import apply_bitmask, sample_tokens
+    from speedx.engine.sampler import apply_bitmask
 
     gen = torch.Generator().manual_seed(13)
     rows, vocab = 5, 70  # a last word only partly used

@@ -166,19 +166,22 @@ def test_speedx_imports_and_runs_on_cpu_without_triton():
         """
         import sys
         sys.modules["triton"] = None  # as if not installed: import fails, find_spec gives None
-        import torch, speedx, speedx.kernels.dispatch, speedx.models.attention, speedx.engine.sampler
-        from speedx.kernels import dispatch
-        assert not dispatch.triton_available()
-        assert not dispatch.use_triton(torch.device("cuda"), "auto")
+        import torch, speedx, speedx.kernels.registry, speedx.models.attention, speedx.engine.sampler
+        from speedx.kernels import registry
+        assert not registry.triton_available()
+        assert registry.resolve_backend(torch.device("cuda"), "auto") == "torch"
+        kernels = registry.select(torch.device("cpu"), torch.float32, torch.float32, "auto")
+        assert kernels.backend == "cpu"
+        from speedx.kernels.paged_attention import store_kvcache_torch
         k = torch.randn(3, 2, 8); cache = torch.zeros(4, 4, 2, 8)
-        dispatch.store_kvcache(k, k, cache, cache.clone(), torch.tensor([0, -1, 5]))
+        store_kvcache_torch(k, k, cache, cache.clone(), torch.tensor([0, -1, 5]))
         assert torch.equal(cache.view(-1, 2, 8)[5], k[2])
         try:
-            dispatch.use_triton(torch.device("cpu"), "triton")
+            registry.select(torch.device("cpu"), torch.float32, torch.float32, "triton")
         except RuntimeError as e:
             assert "triton" in str(e)
         else:
-            raise AssertionError("SPEEDX_KERNELS=triton without triton must fail loudly")
+            raise AssertionError("kernel backend triton without triton must fail loudly")
         assert sys.modules["triton"] is None
         """
     )
@@ -189,14 +192,17 @@ def test_cpu_path_never_imports_triton():
     code = textwrap.dedent(
         """
         import sys, torch
-        from speedx.engine.sampler import sample_tokens
-        from speedx.kernels.dispatch import paged_attention, store_kvcache
-        cache = torch.zeros(4, 4, 2, 8)
-        store_kvcache(torch.randn(3, 2, 8), torch.randn(3, 2, 8), cache, cache.clone(), torch.tensor([0, 1, 2]))
-        table, cu, lens = torch.tensor([[0]], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)
-        paged_attention(torch.randn(3, 4, 8), cache, cache, table, cu, lens, 0.3)
-        one = torch.ones(2)
-        sample_tokens(torch.randn(2, 9), one, torch.zeros(2, dtype=torch.long), one, 0 * one, 0.5 * one.double())
+        from speedx.kernels.registry import select
+        from speedx.kernels.paged_attention import store_kvcache_torch
+        for dtype in (torch.float32, torch.bfloat16):
+            kernels = select(torch.device("cpu"), dtype, dtype)
+            cache = torch.zeros(4, 4, 2, 8, dtype=dtype)
+            store_kvcache_torch(torch.randn(3, 2, 8), torch.randn(3, 2, 8), cache, cache.clone(), torch.tensor([0, 1, 2]))
+            table, cu, lens = torch.tensor([[0]], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)
+            kernels.paged_attention(torch.randn(3, 4, 8, dtype=dtype), cache, cache, table, cu, lens, 0.3)
+            kernels.rms_norm(torch.randn(3, 8, dtype=dtype), torch.ones(8, dtype=dtype), 1e-6)
+            one = torch.ones(2)
+            kernels.sample_tokens(torch.randn(2, 9), one, torch.zeros(2, dtype=torch.long), one, 0 * one, 0.5 * one.double())
         assert "triton" not in sys.modules, "the CPU path imported triton"
         """
     )
@@ -204,8 +210,8 @@ def test_cpu_path_never_imports_triton():
 
 
 def test_bad_mode_is_refused(monkeypatch):
-    from speedx.kernels.dispatch import kernel_mode
+    from speedx.kernels.registry import kernel_request
 
     monkeypatch.setenv("SPEEDX_KERNELS", "cuda")
     with pytest.raises(ValueError, match="SPEEDX_KERNELS"):
-        kernel_mode()
+        kernel_request()

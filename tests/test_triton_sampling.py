@@ -13,7 +13,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from triton_marks import needs_cuda, needs_interpreter  # noqa: E402
-from speedx.engine import sampler  # noqa: E402
+from speedx.kernels.registry import select  # noqa: E402
 from speedx.engine.sampler import counter_uniform, mask_logits, sample_tokens_torch  # noqa: E402
 from speedx.kernels.triton_sampling import (  # noqa: E402
     mask_logits_triton,
@@ -158,10 +158,11 @@ def test_sampler_dispatch(monkeypatch):
     temperature = torch.tensor([0.0, 1.0, 0.7, 0.0, 1.3, 0.9, 0.5, 2.0])
     uniforms = torch.tensor([counter_uniform(7, 0, p) for p in range(rows)], dtype=torch.float64)
     monkeypatch.setenv("SPEEDX_KERNELS", "torch")
-    twin = sampler.sample_tokens(logits, temperature, top_k, top_p, min_p, uniforms)
+    cpu = torch.device("cpu")
+    twin = select(cpu, torch.float32, torch.float32).sample_tokens(logits, temperature, top_k, top_p, min_p, uniforms)
     assert torch.equal(twin, sample_tokens_torch(logits, temperature, top_k, top_p, min_p, uniforms))
     monkeypatch.setenv("SPEEDX_KERNELS", "triton")
-    tokens = sampler.sample_tokens(logits, temperature, top_k, top_p, min_p, uniforms)
+    tokens = select(cpu, torch.float32, torch.float32).sample_tokens(logits, temperature, top_k, top_p, min_p, uniforms)
     assert torch.equal(tokens, sample_tokens_from_uniforms_triton(logits, temperature, top_k, top_p, min_p, uniforms))
     greedy = temperature == 0
     assert torch.equal(tokens[greedy], twin[greedy])

@@ -9,7 +9,6 @@ similarity matrix; the twin below does (one cross_entropy) and is the reference 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -19,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BACKENDS = ("auto", "triton", "torch")
+from speedx.kernels.registry import REQUESTS as BACKENDS, infonce_backend
 
 
 def infonce_loss(
@@ -52,7 +51,7 @@ def infonce_loss(
         document_ids = _gather_rows(document_ids) if document_ids is not None else None
     # torch.full: a fill kernel, where torch.tensor(x, device=cuda) copies from the host and syncs
     scale = scale.to(q.device).float() if torch.is_tensor(scale) else torch.full((), float(scale), device=q.device)
-    if _resolve_backend(backend, q) == "triton":
+    if infonce_backend(q.device, backend) == "triton":
         from speedx.kernels.infonce import infonce_triton
 
         return infonce_triton(q, d, labels, scale, document_ids)
@@ -177,14 +176,6 @@ def _int_vector(name: str, x, length: int, device) -> Tensor:
 
 def _shape(x) -> str:
     return str(tuple(x.shape)) if torch.is_tensor(x) else type(x).__name__
-
-
-def _resolve_backend(backend: str, q: Tensor) -> str:
-    if backend == "auto":
-        return "triton" if q.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        raise ImportError("backend='triton' needs the triton package: pip install 'speedx[triton]'")
-    return backend
 
 
 def _gather_rows(x: Tensor) -> Tensor:

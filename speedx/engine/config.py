@@ -62,6 +62,10 @@ class EngineConfig:
                                    "a few seconds and some GPU memory)", kind=bool)
     async_scheduling: bool | None = _setting(None, "launch each decode step before the previous step's tokens "
                                              "reach the host (default: on for a GPU, off on CPU)", kind=bool)
+    kernel_backend: str | None = _setting(None, "kernels: auto (Triton on CUDA, speedx's C++ kernels on a CPU), "
+                                          "triton (also on CPU under TRITON_INTERPRET=1) or torch (the PyTorch "
+                                          "twins); default: $SPEEDX_KERNELS, else auto",
+                                          choices=("auto", "triton", "torch"))
     device: str | None = _setting(None, "where the model runs: cpu, cuda or cuda:N (default: cuda when available, else cpu)",
                                   pattern=(r"cpu|cuda(:\d+)?", "cpu, cuda or cuda:N"))
     seed: int = _setting(0, "seed of requests without their own seed", kind=int, at_least=0)

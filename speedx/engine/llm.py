@@ -19,7 +19,7 @@ from speedx.engine.llm_engine import LLMEngine
 from speedx.engine.model_runner import ModelRunner
 from speedx.engine.outputs import RequestOutput
 from speedx.engine.sampling_params import SamplingParams
-from speedx.kernels.dispatch import use_triton
+from speedx.kernels.registry import select as select_kernels
 from speedx.models.cpu_linear import resolve_quantization, use_fast_cpu_matmuls
 from speedx.models.llama import LlamaForCausalLM
 from speedx.models.lora import LoRAAdapter
@@ -73,7 +73,8 @@ class LLM:
         if lora is not None:
             weights = LoRAAdapter.load(lora).merge(weights)
         self.dtype = _resolve_dtype(config.dtype, path)
-        self.kv_cache_dtype = _resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device)
+        self.kv_cache_dtype = self.dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
+        self.kernels = select_kernels(self.device, self.dtype, self.kv_cache_dtype, config.kernel_backend)
         max_model_len = config.max_model_len
         limit = min(model_config.max_position_embeddings, model_config.sliding_window or model_config.max_position_embeddings)
         if max_model_len is not None and max_model_len > limit:
@@ -82,7 +83,7 @@ class LLM:
 
         torch.manual_seed(config.seed)  # parameters are overwritten; this only makes init cheap and repeatable
         with torch.device(self.device), _default_dtype(self.dtype):  # no fp32 copy of an 8B model on the GPU
-            net = LlamaForCausalLM(model_config, max_position=max_model_len)
+            net = LlamaForCausalLM(model_config, max_position=max_model_len, kernels=self.kernels)
         net.load_weights(weights)
         net.to(self.dtype).eval()
         net.rotary.to(torch.float32)  # keep the cos/sin tables in fp32
@@ -116,9 +117,9 @@ class LLM:
                 logger.info("captured CUDA graphs for decode batches up to %d in %.1f s", max_num_seqs,
                             time.perf_counter() - start)
         logger.info(
-            "model %s (%s, %d layers) dtype %s on %s; KV cache %d tokens (%s, %.2f GiB, blocks of %d); "
+            "model %s (%s, %d layers) dtype %s on %s (%s kernels); KV cache %d tokens (%s, %.2f GiB, blocks of %d); "
             "max concurrency %.1f sequences of %d tokens",
-            self.model_name, model_config.model_type, model_config.num_hidden_layers, str(self.dtype).removeprefix("torch."), self.device,
+            self.model_name, model_config.model_type, model_config.num_hidden_layers, str(self.dtype).removeprefix("torch."), self.device, self.kernels.backend,
             capacity, str(self.kv_cache_dtype).removeprefix("torch."), num_blocks * block_size * bytes_per_token / 2**30, block_size, capacity / max_model_len, max_model_len,
         )
 
@@ -301,18 +302,6 @@ def _params_for(prompts: list, sampling_params) -> list[SamplingParams]:
     if len(sampling_params) != len(prompts):
         raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts; give one or one each")
     return sampling_params
-
-
-def _resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    if kv_cache_dtype == "auto":
-        return model_dtype
-    if kv_cache_dtype not in ("fp8", "fp8_e4m3"):
-        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected 'auto' (the model's dtype) or 'fp8'")
-    if device.type == "cuda" and use_triton(device) and torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        raise ValueError(f"kv_cache_dtype='fp8' needs a GPU with fp8 conversions (compute capability 8.9+: Ada, "
-                         f"Hopper or newer); {name} has none, so use kv_cache_dtype='auto'")
-    return torch.float8_e4m3fn
 
 
 @contextlib.contextmanager

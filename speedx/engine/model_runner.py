@@ -7,12 +7,11 @@ import torch
 
 from speedx._C import BlockPool
 from speedx.engine.cuda_graphs import DecodeGraphs
-from speedx.engine.sampler import counter_uniforms, sample_tokens
+from speedx.engine.sampler import counter_uniforms
 from speedx.engine.scheduler import ScheduledBatch
 from speedx.engine.sequence import Sequence
 from speedx.engine.staging import Staging
 from speedx.engine.structured_output import GrammarMask
-from speedx.kernels.dispatch import use_triton
 from speedx.kernels.paged_attention import as_bytes
 from speedx.models.attention import AttentionMetadata, HostMetadata, leading_decodes
 from speedx.models.llama import LlamaForCausalLM
@@ -37,8 +36,7 @@ class ModelRunner:
         # row per (K/V, layer, block), so block copies need not know the layout inside a block.
         self.kv_cache = torch.zeros((2, c.num_hidden_layers, blocks, block_size * heads * dim), dtype=kv_cache_dtype,
                                     device=device)
-        v_keys_contiguous = (FP8_V_KEYS_CONTIGUOUS and kv_cache_dtype.itemsize == 1
-                             and use_triton(device, model.layers[0].self_attn.kernel_mode))
+        v_keys_contiguous = FP8_V_KEYS_CONTIGUOUS and kv_cache_dtype.itemsize == 1 and model.kernels.strided_v_cache
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i].view(blocks, block_size, heads, dim)
             v = self.kv_cache[1, i]
@@ -52,7 +50,7 @@ class ModelRunner:
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> bool:
         """CUDA graphs for decode steps up to max_batch sequences. Only on CUDA with the Triton kernels
         (the PyTorch twins read lengths on the host, which a graph cannot). Returns whether it captured."""
-        if self.device.type != "cuda" or not use_triton(self.device, self.model.layers[0].self_attn.kernel_mode):
+        if not self.model.kernels.cuda_graphs:
             return False
         max_blocks = -(-max_model_len // self.pool.block_size)
         self.decode_graphs = DecodeGraphs(self.model, max_batch, max_blocks, self.device)
@@ -153,7 +151,7 @@ class ModelRunner:
         bitmask = None
         if self.grammar_mask is not None:
             matchers = [seq.matcher for seq, _ in rows]
-            if use_triton(logits.device):
+            if self.model.kernels.bitmask_in_sampler:
                 bitmask = self.grammar_mask.row_bitmask(logits, matchers)
             else:
                 self.grammar_mask.apply(logits, matchers)
@@ -171,7 +169,7 @@ class ModelRunner:
             column("sampling_temperature", np.float32), column("top_k", np.int64), column("top_p", np.float32),
             column("min_p", np.float32), uniforms,
         )
-        return sample_tokens(logits, temperature, top_k, top_p, min_p, uniforms, bitmask)
+        return self.model.kernels.sample_tokens(logits, temperature, top_k, top_p, min_p, uniforms, bitmask=bitmask)
 
 
 class PendingStep:

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from speedx.hashing import MASK64, splitmix64
-from speedx.kernels.dispatch import use_triton
 
 
 def counter_uniform(seed: int, sample_index: int, position: int) -> float:
@@ -84,28 +83,6 @@ def _smallest_top_p_prob(probs: torch.Tensor, top_p: torch.Tensor, first_k: int 
         k = min(8 * k, vocab)
 
 
-def sample_tokens(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-    uniforms: torch.Tensor,
-    bitmask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """sample_tokens_torch, or its Triton kernel per SPEEDX_KERNELS (kernels/dispatch.py). The Triton
-    draw is a race keyed by the same uniforms: same masks and distribution, other tokens.
-    bitmask: int32 [rows, ceil(vocab / 32)], bit t of a row set = token t allowed (applied first)."""
-    if use_triton(logits.device):
-        from speedx.kernels.triton_sampling import sample_tokens_from_uniforms_triton
-
-        return sample_tokens_from_uniforms_triton(logits, temperature, top_k, top_p, min_p, uniforms, bitmask=bitmask)
-    if bitmask is not None:
-        logits = apply_bitmask(logits, bitmask)
-    sample = sample_tokens_cpu if logits.device.type == "cpu" and logits.dtype == torch.float32 else sample_tokens_torch
-    return sample(logits, temperature, top_k, top_p, min_p, uniforms)
-
-
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """logits with -inf wherever the row's bitmask bit is clear."""
     vocab = logits.shape[-1]
@@ -169,13 +146,9 @@ def _draw_torch(logits, temperature, top_k, top_p, min_p, uniforms) -> torch.Ten
 
 def _draw_cpp(logits, temperature, top_k, top_p, min_p, uniforms) -> torch.Tensor:
     """Top-p alone is applied in C++ too; with top-k or min-p in the batch, the masks run here first."""
-    from speedx import _C
+    from speedx.kernels.cpu import draw_rows
 
     if bool((((top_k > 0) & (top_k < logits.shape[-1])) | (min_p > 0)).any()):
         logits = mask_logits(logits / temperature.unsqueeze(1), top_k, top_p, min_p)  # scaled and masked
         temperature, top_p = torch.ones_like(temperature), torch.ones_like(top_p)
-    logits = logits.contiguous()
-    drawn = np.empty(logits.shape[0], dtype=np.int64)
-    _C.sample_rows(drawn, logits.data_ptr(), logits.shape[1], temperature.float().contiguous().numpy(),
-                   uniforms.double().contiguous().numpy(), top_p.float().contiguous().numpy(), torch.get_num_threads())
-    return torch.from_numpy(drawn)
+    return draw_rows(logits, temperature, uniforms, top_p)

@@ -10,46 +10,28 @@ import math
 import torch
 from torch import nn
 
-from speedx import _C
-from speedx.kernels.dispatch import kernel_mode, rms_norm, silu_mul
+from speedx.kernels.cpu import rms_norm_into, silu_mul_cpu
 from speedx.kernels.layers_torch import rope_torch
+from speedx.kernels.registry import Kernels, twins
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm, optionally after the residual add: norm(x) or (norm(x + residual), x + residual).
+    """RMSNorm, optionally after the residual add: norm(x) or (norm(x + residual), x + residual), on
+    the engine's kernels (kernels/registry.py; the PyTorch twins when built without them)."""
 
-    Half-precision CPU tensors go through one fused C++ pass (csrc/cpu_norm.cpp), CUDA tensors through
-    one Triton kernel; both round where the PyTorch twin (kernels/layers_torch.py) does."""
-
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, kernels: Kernels | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-        self.kernel_mode = kernel_mode()
+        self.kernels = kernels or twins()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == x.dtype \
-                and self.kernel_mode != "triton":
-            return self._fused_cpu(x, residual)
-        return rms_norm(x, self.weight, self.eps, residual, mode=self.kernel_mode)
-
-    def _fused_cpu(self, x: torch.Tensor, residual: torch.Tensor | None):
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        residual = None if residual is None else residual.contiguous()
-        summed = None if residual is None else torch.empty_like(x)
-        self.norm_into_cpu(out, x, residual, summed, torch.get_num_threads())
-        return out if residual is None else (out, summed)
+        return self.kernels.rms_norm(x, self.weight, self.eps, residual)
 
     def norm_into_cpu(self, out: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                       summed: torch.Tensor | None, num_threads: int) -> None:
-        """The C++ pass on contiguous CPU tensors of the weight's dtype: out = norm(x), or with a
-        residual summed = x + residual and out = norm(summed); summed may be residual itself."""
-        _C.rms_norm(
-            out.data_ptr(), 0 if residual is None else residual.data_ptr(), 0 if summed is None else summed.data_ptr(),
-            x.data_ptr(), self.weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], self.eps, str(x.dtype),
-            num_threads,
-        )
+        """The fused CPU step's norm (kernels/cpu.py rms_norm_into) into its scratch buffers."""
+        rms_norm_into(out, x, self.weight, self.eps, residual, summed, num_threads)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -103,32 +85,22 @@ class RotaryEmbedding(nn.Module):
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, kernels: Kernels | None = None):
         super().__init__()
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.kernel_mode = kernel_mode()
+        self.kernels = kernels or twins()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if getattr(self.gate_up_proj, "silu_mul", False):  # a PackedBf16Linear that applied it already
             return self.down_proj(gate_up)
-        if gate_up.device.type == "cpu" and gate_up.dtype == torch.bfloat16 and self.kernel_mode != "triton":
-            return self.down_proj(_silu_mul_cpu(gate_up, self.intermediate_size))
-        return self.down_proj(silu_mul(gate_up, mode=self.kernel_mode))
+        return self.down_proj(self.kernels.silu_mul(gate_up))
 
     def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        """forward's bf16 CPU path without module calls (LlamaForCausalLM.fused_cpu_step says when)."""
+        """forward's bf16 CPU path without module calls (LlamaForCausalLM's fused CPU step)."""
         gate_up = self.gate_up_proj.forward(x)
         if not getattr(self.gate_up_proj, "silu_mul", False):
-            gate_up = _silu_mul_cpu(gate_up, self.intermediate_size)
+            gate_up = silu_mul_cpu(gate_up)
         return self.down_proj.forward(gate_up)
-
-
-def _silu_mul_cpu(gate_up: torch.Tensor, intermediate_size: int) -> torch.Tensor:
-    """F.silu(gate) * up in one C++ pass (csrc/cpu_activation.cpp), rounding where PyTorch does."""
-    gate_up = gate_up.contiguous()
-    out = gate_up.new_empty(*gate_up.shape[:-1], intermediate_size)
-    _C.silu_mul_bf16(out.data_ptr(), gate_up.data_ptr(), out.numel() // intermediate_size, intermediate_size, torch.get_num_threads())
-    return out

@@ -7,15 +7,16 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from speedx.kernels.registry import Kernels, twins
 from speedx.models.attention import AttentionMetadata, CpuStep, PagedAttention
 from speedx.models.config import ModelConfig
 from speedx.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, kernels: Kernels):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.self_attn = PagedAttention(
             config.hidden_size,
             config.num_attention_heads,
@@ -23,9 +24,10 @@ class DecoderLayer(nn.Module):
             config.head_dim,
             rotary,
             config.qkv_bias,
+            kernels,
         )
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, kernels)
 
     def forward(self, positions, hidden, residual, meta):
         """-> (this layer's MLP output, the residual stream before it); the next layer (or the final
@@ -53,13 +55,16 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int):
+    """kernels: the engine's (kernels/registry.py select); the PyTorch twins when None."""
+
+    def __init__(self, config: ModelConfig, max_position: int, kernels: Kernels | None = None):
         super().__init__()
         self.config = config
+        self.kernels = kernels = kernels or twins()
         self.rotary = RotaryEmbedding(config.head_dim, max_position, config.rope_theta, config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary, kernels) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -74,12 +79,9 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(hidden, residual)[0]
 
     def fused_cpu_step(self, hidden: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this step takes _forward_cpu: a bf16 model and KV cache on the C++ CPU kernels, with
-        the step's metadata on the host. Every module would pick those same kernels itself."""
-        attn = self.layers[0].self_attn
-        return (meta.host is not None and hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16
-                and self.norm.weight.dtype == torch.bfloat16 and attn.k_cache.dtype == torch.bfloat16
-                and attn.kernel_mode != "triton")
+        """Whether this step takes _forward_cpu: the engine runs every op of a layer on the C++ CPU
+        kernels (a bf16 model and KV cache) and the step's metadata is on the host."""
+        return self.kernels.fused_cpu_step and meta.host is not None and hidden.dtype == torch.bfloat16
 
     def _forward_cpu(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """forward with the per-layer Python work taken out of the loop: the host metadata, thread
