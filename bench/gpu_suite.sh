@@ -57,8 +57,8 @@ if [ -n "${QUICK:-}" ]; then
     # two H100s (2026-11-26).
     step env SPEEDX_KERNELS=auto $M8B $GRID --repeats 3 --skip-hf --kv-cache-dtype fp8 \
         --out "$RESULTS/throughput_8b_1024x1024_fp8kv.json"
-    step "$PY" -m pytest -q -x -m gpu tests/test_fp8_kv_cache.py tests/test_triton_attention.py tests/test_triton_engine.py
-    step "$PY" -m pytest -q -x tests/test_async_scheduling.py
+    step "$PY" -m pytest -q -x -m gpu tests/kernels/test_fp8_kv_cache.py tests/kernels/test_triton_attention.py tests/kernels/test_triton_engine.py
+    step "$PY" -m pytest -q -x tests/engine/test_async_scheduling.py
     summary
     step "$PY" bench/gpu_kernels.py --only decode_tiles attention prefill_tiles --decode-tiles-match "1536, float8" \
         --out "$RESULTS/kernels_attention.json"
@@ -68,10 +68,10 @@ fi
 
 # 1. The @gpu tests: compiled Triton kernels on CUDA (bf16 and fp32) against the twins.
 #    Only the files that hold GPU tests: the others may import packages the GPU image lacks (faiss, mteb).
-[ -z "${SKIP_TESTS:-}" ] && step "$PY" -m pytest -q -m gpu $(grep -l "mark.gpu" tests/test_*.py)
+[ -z "${SKIP_TESTS:-}" ] && step "$PY" -m pytest -q -m gpu $(grep -rl "mark.gpu" tests --include="test_*.py")
 #    The fused InfoNCE tests run on CUDA whenever it is there (kernel vs twin, bf16 and fp32), and so do
 #    the async scheduling ones (pinned copies, CUDA graphs fed on the device).
-[ -z "${SKIP_TESTS:-}" ] && step "$PY" -m pytest -q tests/test_infonce.py tests/test_async_scheduling.py
+[ -z "${SKIP_TESTS:-}" ] && step "$PY" -m pytest -q tests/kernels/test_infonce.py tests/engine/test_async_scheduling.py
 
 # 2. Kernel benchmarks (do_bench medians, bandwidth vs a measured device copy).
 [ -z "${SKIP_KERNELS:-}" ] && step "$PY" bench/gpu_kernels.py --out "$RESULTS/kernels.json"

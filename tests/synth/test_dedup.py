@@ -81,7 +81,7 @@ def test_deterministic_across_instances_and_processes():
         f"print(Deduplicator()._prepare({texts[0]!r})[1].hashvalues.tolist())"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(sig)
 

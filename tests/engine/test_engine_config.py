@@ -11,7 +11,7 @@ import pytest
 
 from speedx.engine.config import EngineConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NON_DEFAULT = dict(model="/m", tokenizer="/t", lora="/a", dtype="float16", quantization="none", kv_cache_dtype="fp8",
                    kv_cache_memory="3GiB", gpu_memory_utilization=0.5, block_size=32, max_model_len=512,
                    max_num_seqs=7, max_num_batched_tokens=100, enable_prefix_caching=False, enforce_eager=True,
